@@ -1,0 +1,1 @@
+"""torch.fx analysis and rewrite passes (installed as ``revcompile.passes``)."""

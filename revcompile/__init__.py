@@ -1,0 +1,13 @@
+"""revcompile: compile residual PyTorch models into reversible networks."""
+
+from revcompile.errors import ConversionError as ConversionError
+from revcompile.errors import DoubleBackwardError as DoubleBackwardError
+from revcompile.errors import ReconstructionError as ReconstructionError
+from revcompile.errors import RevCompileError as RevCompileError
+from revcompile.errors import TraceError as TraceError
+from revcompile.runtime.check import check_reconstruction as check_reconstruction
+from revcompile.runtime.coupling import AdditiveCoupling as AdditiveCoupling
+from revcompile.runtime.mode import storing_activations as storing_activations
+from revcompile.runtime.stage import ReversibleStage as ReversibleStage
+
+__version__ = "0.1.0"

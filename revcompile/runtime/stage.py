@@ -1,0 +1,124 @@
+"""`ReversibleStage`: a chain of couplings whose backward rebuilds its activations."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from revcompile.errors import ConversionError
+from revcompile.runtime.coupling import AdditiveCoupling, Recorder, keyed_call
+from revcompile.runtime.function import TENSOR, ReversibleFunction
+from revcompile.runtime.mode import is_storing
+
+
+class ReversibleStage(nn.Module):
+    """Couplings applied in order to the two channel halves of ``x``.
+
+    ``stage(x, *context)`` splits ``x`` along `dim` into ``(x1, x2)`` (sizes
+    `split_sizes`, default ``(C // 2, C - C // 2)``), applies each coupling, and joins
+    the halves again. Context tensors are passed unchanged to every F and G.
+
+    In training (grad enabled, something requires grad) the stage stores only its output
+    and the context; backward rebuilds the rest (Note [Why a stage stores only its
+    output] in function.py). Under `torch.no_grad()`, or when nothing needs a gradient,
+    it is a plain forward. Under `revcompile.storing_activations()` it runs the same
+    couplings with plain autograd.
+
+    Example:
+        >>> coupling = AdditiveCoupling(nn.Linear(8, 8), nn.Linear(8, 8))
+        >>> stage = ReversibleStage([coupling], dim=-1)
+        >>> stage(torch.randn(2, 5, 16)).shape
+        torch.Size([2, 5, 16])
+    """
+
+    def __init__(
+        self,
+        couplings: Iterable[AdditiveCoupling],
+        dim: int = 1,
+        split_sizes: Sequence[int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.couplings = nn.ModuleList(couplings)
+        if len(self.couplings) == 0:
+            raise ConversionError("ReversibleStage needs at least one coupling.")
+        if split_sizes is not None and (len(split_sizes) != 2 or min(split_sizes) < 1):
+            raise ConversionError(
+                f"split_sizes must be two positive sizes (x1, x2), got {split_sizes!r}."
+            )
+        self.dim = dim
+        self.split_sizes = tuple(split_sizes) if split_sizes is not None else None
+
+    def describe(self) -> str:
+        """A short name for messages: the class, coupling count and split."""
+        return (
+            f"ReversibleStage({len(self.couplings)} couplings, dim={self.dim}, "
+            f"split={self.split_sizes or 'even'})"
+        )
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, split_sizes={self.split_sizes}"
+
+    def sizes(self, channels: int) -> tuple[int, int]:
+        if self.split_sizes is None:
+            if channels < 2:
+                raise ConversionError(
+                    f"{self.describe()} got {channels} channel(s) along dim "
+                    f"{self.dim}; a coupling needs at least 2 to split. Check `dim`."
+                )
+            return channels // 2, channels - channels // 2
+        if sum(self.split_sizes) != channels:
+            raise ConversionError(
+                f"{self.describe()} got {channels} channels along dim {self.dim}, but "
+                f"split_sizes {self.split_sizes} add up to {sum(self.split_sizes)}."
+            )
+        return self.split_sizes  # type: ignore[return-value]
+
+    def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        # (B, C, ...) -> (B, c1, ...), (B, c2, ...): views, never copies of x.
+        c1, c2 = self.sizes(x.shape[self.dim])
+        x1, x2 = torch.split(x, [c1, c2], dim=self.dim)
+        return x1, x2
+
+    def join(self, x1: Tensor, x2: Tensor) -> Tensor:
+        return torch.cat([x1, x2], dim=self.dim)
+
+    def forward(self, x: Tensor, *context: Any) -> Tensor:
+        params = [p for p in self.parameters() if p.requires_grad]
+        tensors = [c for c in context if isinstance(c, Tensor)]
+        needs_grad = (
+            x.requires_grad or bool(params) or any(t.requires_grad for t in tensors)
+        )
+        if is_storing() or not torch.is_grad_enabled() or not needs_grad:
+            return self.run_couplings(x, context)
+        template = tuple(TENSOR if isinstance(c, Tensor) else c for c in context)
+        return ReversibleFunction.apply(
+            self, template, len(tensors), x, *tensors, *params
+        )
+
+    def inverse(self, y: Tensor, *context: Any) -> Tensor:
+        """The stage input that `forward` maps to ``y`` (exact up to rounding)."""
+        return self.run_inverse(y, context)
+
+    def run_couplings(
+        self, x: Tensor, context: Sequence[Any], recorder: Recorder = None
+    ) -> Tensor:
+        """Forward through every coupling; `recorder` (an `RngTape` method) sees each
+        F and G call under the key ``(coupling index, "F" | "G")``."""
+        x1, x2 = self.split(x)
+        for i, c in enumerate(self.couplings):
+            x1, x2 = c.step(x1, x2, context, keyed_call(recorder, i))
+        return self.join(x1, x2)
+
+    def run_inverse(
+        self, y: Tensor, context: Sequence[Any], recorder: Recorder = None
+    ) -> Tensor:
+        """Inverse through every coupling, last first; keys as in `run_couplings`."""
+        y1, y2 = self.split(y)
+        for i in reversed(range(len(self.couplings))):
+            y1, y2 = self.couplings[i].inverse_step(
+                y1, y2, context, keyed_call(recorder, i)
+            )
+        return self.join(y1, y2)
