@@ -1,10 +1,12 @@
 """revcompile: compile residual PyTorch models into reversible networks."""
 
+from revcompile.api import analyze as analyze
 from revcompile.errors import ConversionError as ConversionError
 from revcompile.errors import DoubleBackwardError as DoubleBackwardError
 from revcompile.errors import ReconstructionError as ReconstructionError
 from revcompile.errors import RevCompileError as RevCompileError
 from revcompile.errors import TraceError as TraceError
+from revcompile.passes.ir import Plan as Plan
 from revcompile.runtime.check import check_reconstruction as check_reconstruction
 from revcompile.runtime.coupling import AdditiveCoupling as AdditiveCoupling
 from revcompile.runtime.mode import storing_activations as storing_activations

@@ -1,0 +1,86 @@
+"""What an op does to a channel axis, for the channel-split pass, in both graph forms
+(symbolic trace: torch functions, Tensor methods, modules; torch.export: aten ops).
+
+The split needs four facts: does an op act element by element (the channel axis passes
+through), does it move axes (permute, view), does it hold one parameter per channel
+(norms, depthwise convs: see slicing.py), or does it mix channels (conv, linear)?
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+_UNARY = {
+    "relu", "relu_", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish",
+    "hardsigmoid", "hardtanh", "elu", "leaky_relu", "mish", "softplus", "selu", "celu",
+    "dropout", "dropout1d", "dropout2d", "dropout3d", "feature_dropout",
+    "alpha_dropout", "stochastic_depth", "drop_path", "clone", "contiguous", "to",
+    "type", "float", "half", "bfloat16", "double", "_to_copy", "alias", "neg", "abs",
+    "exp", "square", "sqrt", "rsqrt", "erf", "clamp", "clamp_min", "clamp_max", "pow",
+    "identity", "lift_fresh_copy", "detach",
+}  # fmt: skip
+_BINARY = {"add", "sub", "mul", "div", "true_divide", "maximum", "minimum", "rsub"}
+_LAYOUT = {"permute", "transpose", "t", "view", "reshape", "flatten", "unflatten",
+           "unsqueeze", "squeeze", "_unsafe_view"}  # fmt: skip
+_OPERATORS = {
+    operator.add: "add", operator.iadd: "add", operator.mul: "mul",
+    operator.imul: "mul", operator.sub: "sub", operator.isub: "sub",
+    operator.truediv: "div", operator.itruediv: "div", operator.getitem: "getitem",
+}  # fmt: skip
+
+_UNARY_MODULES: tuple[type[nn.Module], ...] = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
+    nn.Hardsigmoid, nn.Hardtanh, nn.ELU, nn.LeakyReLU, nn.Mish, nn.Softplus, nn.SELU,
+    nn.CELU, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+    nn.Identity,
+)  # fmt: skip
+# Per-element modules of other libraries, matched by class name so that this file
+# imports neither torchvision nor timm nor transformers.
+_UNARY_MODULE_NAMES = {
+    "StochasticDepth", "DropPath", "GELUActivation", "NewGELUActivation",
+    "FastGELUActivation", "SiLUActivation", "QuickGELUActivation", "PytorchGELUTanh",
+}  # fmt: skip
+
+
+def op_name(node: fx.Node) -> str:
+    """'relu' for torch.relu, F.relu, Tensor.relu and aten.relu.default alike."""
+    if node.op == "call_method":
+        return str(node.target)
+    if node.op != "call_function":
+        return node.op
+    target: Any = node.target
+    if isinstance(target, torch._ops.OpOverload | torch._ops.OpOverloadPacket):
+        return str(target._schema.name).split("::")[-1]
+    if target in _OPERATORS:
+        return _OPERATORS[target]
+    return str(getattr(target, "__name__", target)).lower()
+
+
+def is_unary(node: fx.Node, root: nn.Module) -> bool:
+    """An op that maps each element (or channel, for channel dropout) on its own."""
+    if node.op == "call_module":
+        m = root.get_submodule(str(node.target))
+        return isinstance(m, _UNARY_MODULES) or type(m).__name__ in _UNARY_MODULE_NAMES
+    return op_name(node) in _UNARY
+
+
+def is_binary(node: fx.Node) -> bool:
+    return node.op in ("call_function", "call_method") and op_name(node) in _BINARY
+
+
+def is_layout(node: fx.Node, root: nn.Module) -> bool:
+    return node.op in ("call_function", "call_method") and op_name(node) in _LAYOUT
+
+
+def shape_of(node: Any) -> tuple[int, ...] | None:
+    """The static shape ShapeProp recorded for `node`, if any."""
+    if not isinstance(node, fx.Node):
+        return None
+    meta = node.meta.get("tensor_meta")
+    if meta is not None and hasattr(meta, "shape"):
+        return tuple(int(s) for s in meta.shape)
+    return None

@@ -1,0 +1,122 @@
+"""A plan as rich renderables. Pure: nothing here prints; ``revcompile.cli`` does."""
+
+from __future__ import annotations
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from revcompile.passes.ir import Plan, ResidualBlock, Stage
+
+
+def render(plan: Plan) -> RenderableType:
+    """The block table, why the kept blocks stay, the stage table, the one-line total
+    and the tracer's notes."""
+    parts: list[RenderableType] = []
+    if plan.blocks:
+        parts.append(blocks_table(plan))
+    kept = [b for b in plan.blocks if b.reason is not None]
+    if kept:
+        parts.append(reasons_table(kept))
+    if plan.stages:
+        parts.append(stages_table(plan))
+    parts.append(Text(plan.summary(), style="bold"))
+    parts.extend(Text(f"note: {n}", style="dim") for n in plan.notes)
+    return Group(*parts)
+
+
+def blocks_table(plan: Plan) -> Table:
+    """One row per residual add: where, what shape, and what happens to it."""
+    table = Table(title="Residual blocks", title_justify="left")
+    table.add_column("module")
+    table.add_column("shape")
+    table.add_column("channels", justify="right")
+    table.add_column("stage", justify="right")
+    table.add_column("verdict")
+    table.add_column("no longer stored", justify="right")
+    last = {s.output for s in plan.stages}
+    for b in plan.blocks:
+        verdict = (
+            Text("converts", style="green")
+            if b.reason is None
+            else Text(b.reason.kind.value, style="yellow")
+        )
+        table.add_row(
+            b.module_path or "(top level)",
+            _shape(b.shape),
+            str(b.channels),
+            "-" if b.stage is None else str(b.stage),
+            verdict,
+            format_bytes(_freed(b, b.join in last)) if b.eligible else "-",
+        )
+    return table
+
+
+def reasons_table(kept: list[ResidualBlock]) -> Table:
+    """Why each kept block stays as it is, naming the module and op."""
+    table = Table(title="Why blocks are kept", title_justify="left")
+    table.add_column("module")
+    table.add_column("reason")
+    for b in kept:
+        if b.reason is not None:
+            table.add_row(b.module_path or "(top level)", b.reason.detail)
+    return table
+
+
+def stages_table(plan: Plan) -> Table:
+    """One row per stage: its blocks, split, context and what the rewrite changes."""
+    table = Table(title="Reversible stages", title_justify="left")
+    table.add_column("stage", justify="right")
+    table.add_column("blocks", justify="right")
+    table.add_column("modules")
+    table.add_column("split", justify="right")
+    table.add_column("context")
+    table.add_column("function")
+    table.add_column("stored", justify="right")
+    paths = {b.join: b.module_path or "(top level)" for b in plan.blocks}
+    for s in plan.stages:
+        first, last = paths[s.blocks[0]], paths[s.blocks[-1]]
+        table.add_row(
+            str(s.index),
+            str(len(s.blocks)),
+            first if first == last else f"{first} .. {last}",
+            _split(s),
+            ", ".join(s.context) or "-",
+            _function(s),
+            f"{format_bytes(s.bytes_before)} -> {format_bytes(s.bytes_after)}",
+        )
+    return table
+
+
+def format_bytes(n: int) -> str:
+    """``512 B``, ``1.5 KiB``, ``3.0 MiB``, ``1.2 GiB``."""
+    if n < 1024:
+        return f"{n} B"
+    size = n / 1024
+    for unit in ("KiB", "MiB"):
+        if size < 1024:
+            return f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} GiB"
+
+
+def _freed(b: ResidualBlock, ends_stage: bool) -> int:
+    # The last block's output is the stage's output: still stored.
+    return b.bytes_stored - (b.output_bytes if ends_stage else 0)
+
+
+def _function(s: Stage) -> str:
+    """``same``, or what the rewrite moves: ``changed: post-join ReLU``."""
+    moved = dict.fromkeys(
+        f"post-join {g.op}" for g in s.glue if g.kind.changes_function
+    )
+    return f"changed: {', '.join(moved)}" if moved else "same"
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "x".join(str(d) for d in shape) or "?"
+
+
+def _split(s: Stage) -> str:
+    text = f"{s.split[0]}+{s.split[1]} @{s.channel_dim}"
+    return text + " uneven" if s.uneven else text

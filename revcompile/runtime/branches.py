@@ -1,0 +1,77 @@
+"""Building blocks of derived F and G branches.
+
+They live in the runtime, which imports only torch, because converted models call them
+and must unpickle without revcompile.passes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, fx, nn
+
+
+@fx.wrap
+def pad_channels(x: Tensor, axis: int, channels: int, start: int) -> Tensor:
+    """Place `x` at channels ``[start, start + n)`` of a zero tensor with `channels`."""
+    # (.., n, ..) -> (.., channels, ..); zeros elsewhere, so a linear op that reads the
+    # result equals the same op with its input channels sliced.
+    n = x.shape[axis]
+    before = list(x.shape)
+    before[axis] = start
+    after = list(x.shape)
+    after[axis] = channels - start - n
+    parts = [x.new_zeros(before), x, x.new_zeros(after)]
+    return torch.cat([p for p in parts if p.shape[axis] > 0], dim=axis)
+
+
+@fx.wrap
+def narrow_channels(x: Tensor, axis: int, start: int, stop: int) -> Tensor:
+    """Channels ``[start, stop)`` of `x` along `axis`."""
+    return x.narrow(axis, start, stop - start)
+
+
+class PaddedBranch(nn.Module):
+    """The generic F or G: the whole branch on the stream half, the other half zero.
+
+    ``F(x2) = branch(cat(0, x2))[:c1]`` works for any branch, at the cost of the whole
+    branch's FLOPs for each of F and G; the channel-split pass uses it only where it
+    could not slice (see Note [Slice, don't pad] in passes/restrict.py).
+    """
+
+    def __init__(
+        self,
+        branch: nn.Module,
+        axis: int,
+        channels: int,
+        in_start: int,
+        out: tuple[int, int],
+    ) -> None:
+        super().__init__()
+        self.branch = branch
+        self.axis, self.channels, self.in_start = axis, channels, in_start
+        self.out = out
+
+    def extra_repr(self) -> str:
+        return (
+            f"axis={self.axis}, channels={self.channels}, "
+            f"in_start={self.in_start}, out={self.out}"
+        )
+
+    def forward(self, half: Tensor, *context: Any) -> Tensor:
+        full = pad_channels(half, self.axis, self.channels, self.in_start)
+        return narrow_channels(self.branch(full, *context), self.axis, *self.out)
+
+
+@fx.wrap
+def full_size(x: Tensor, axis: int, channels: int, *dim: int) -> Any:
+    """``x.size(*dim)`` as the unsliced branch saw it: `channels` along `axis`.
+
+    A branch written for the whole stream reads its input's size to reshape hidden
+    tensors (``B, T, C = x.size()``); its hidden width is kept whole, so it must see
+    the whole channel count too.
+    """
+    shape = list(x.shape)
+    shape[axis] = channels
+    return torch.Size(shape) if not dim else shape[dim[0]]
