@@ -43,14 +43,15 @@ def _info(value: Any) -> TensorInfo | None:
 
 def tensor_info(node: fx.Node) -> TensorInfo | None:
     """Shape and dtype of a node's tensor output, or None when it is not one tensor."""
-    if "val" in node.meta:
-        return _info(node.meta["val"])
-    return _info(node.meta.get("tensor_meta"))
+    # ShapeProp's concrete shapes first: export's "val" may hold symbolic sizes.
+    if "tensor_meta" in node.meta:
+        return _info(node.meta["tensor_meta"])
+    return _info(node.meta.get("val"))
 
 
 def output_bytes(node: fx.Node) -> int:
     """Bytes of every tensor a node outputs (a tuple output counts each element)."""
-    value = node.meta.get("val", node.meta.get("tensor_meta"))
+    value = node.meta.get("tensor_meta", node.meta.get("val"))
     info = _info(value)  # first: TensorMetadata is itself a NamedTuple
     if info is not None:
         return info.nbytes
@@ -65,7 +66,7 @@ def is_float_tensor(node: fx.Node) -> bool:
     if info is not None:
         return info.dtype.is_floating_point or info.dtype.is_complex
     # A tuple of tensors (a leaf module returning several): float if any element is.
-    value = node.meta.get("val", node.meta.get("tensor_meta"))
+    value = node.meta.get("tensor_meta", node.meta.get("val"))
     if isinstance(value, (tuple, list)):
         infos = [_info(v) for v in value]
         return any(i is not None and i.dtype.is_floating_point for i in infos)

@@ -67,6 +67,9 @@ def rewrite(
     gm.graph.eliminate_dead_code()
     gm.graph.lint()
     gm.delete_all_unused_submodules()
+    # Unpickling re-traces a GraphModule's code with the recorded tracer class; fx's
+    # own keeps a converted model loadable with torch alone.
+    gm._tracer_cls = None
     gm.recompile()
     return gm, tuple(builds)
 

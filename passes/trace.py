@@ -24,7 +24,9 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from revcompile.errors import TraceError
 from revcompile.passes import inputs as _inputs
+from revcompile.passes.export import export_graph
 from revcompile.passes.meta import set_module_paths, tensor_info, where
+from revcompile.passes.modes import attention_dropout_modules
 from revcompile.passes.ops import bound_argument, is_drop_path, name
 from revcompile.passes.options import LeafSpec
 
@@ -46,6 +48,7 @@ class Traced:
     training: bool
     inputs: tuple[tuple[str, tuple[int, ...]], ...]
     notes: tuple[str, ...]
+    values: list[Any]  # the graph's placeholder values for the example inputs
 
 
 class LeafTracer(fx.Tracer):
@@ -120,10 +123,10 @@ def _symbolic(
     graph = tracer.trace(root)
     gm = fx.GraphModule(tracer.root, graph, type(root).__name__)
     set_module_paths(gm)
-    notes = _follow_mode(gm, root.training)
+    notes = _follow_mode(gm, root.training) + attention_dropout_modules(gm)
     values = _bind(gm, args, kwargs)
     _propagate_shapes(gm, values)
-    return Traced(gm, "fx", root.training, _input_shapes(gm), tuple(notes))
+    return Traced(gm, "fx", root.training, _input_shapes(gm), tuple(notes), values)
 
 
 def _propagate_shapes(gm: fx.GraphModule, values: list) -> None:
@@ -171,16 +174,12 @@ def _exported(
         # flatten; training (and reversible stages) never use it.
         config.use_cache = False  # type: ignore[union-attr]
         notes.append("use_cache=False on the traced copy (caches are for inference)")
-    program = torch.export.export(root, args, kwargs, strict=False)
-    gm = program.module()
+    gm, export_notes = export_graph(root, args, kwargs)
+    notes.extend(export_notes)
     set_module_paths(gm)
-    mode = "train" if root.training else "eval"
-    notes.append(
-        f"torch.export specialised the graph to the example input shapes and to "
-        f"{mode} mode: dropout and batch-norm behaviour are fixed in it"
-    )
-    assert isinstance(gm, fx.GraphModule)  # what ExportedProgram.module() returns
-    return Traced(gm, "export", root.training, _input_shapes(gm), tuple(notes))
+    values = _bind(gm, args, kwargs)
+    _propagate_shapes(gm, values)
+    return Traced(gm, "export", root.training, _input_shapes(gm), tuple(notes), values)
 
 
 def _follow_mode(gm: fx.GraphModule, training: bool) -> list[str]:

@@ -1,6 +1,7 @@
 """revcompile: compile residual PyTorch models into reversible networks."""
 
 from revcompile.api import analyze as analyze
+from revcompile.api import convert as convert
 from revcompile.errors import ConversionError as ConversionError
 from revcompile.errors import DoubleBackwardError as DoubleBackwardError
 from revcompile.errors import ReconstructionError as ReconstructionError
