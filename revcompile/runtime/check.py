@@ -115,10 +115,13 @@ def _check_stage(
     atol: float | None,
 ) -> StageReconstruction:
     tape = RngTape(cuda_devices((x, *context)))
+    stream = stage.stream_dtype(x)
+    compute = None if stream == x.dtype else x.dtype
     with torch.no_grad(), running_stats_frozen(stage):
-        y = stage.run_couplings(x, context, tape.record)
+        y = stage.run_couplings(x.to(stream), context, tape.record, compute)
         with tape.restoring():
-            x_rebuilt = stage.run_inverse(y, context, tape.replay)
+            x_rebuilt = stage.run_inverse(y, context, tape.replay, compute)
+        x_rebuilt = x_rebuilt.to(x.dtype)
     err = (x - x_rebuilt).abs().max().item() if x.numel() else 0.0
     if atol is None:
         scale = x.abs().max().item() if x.numel() else 1.0

@@ -22,13 +22,18 @@ def plain_call(key: str, module: nn.Module, *args: Any) -> Tensor:
     return module(*args)
 
 
-def keyed_call(recorder: Recorder, index: int) -> Call:
-    """A `Call` that hands ``((index, key), module, *args)`` to `recorder`."""
-    if recorder is None:
-        return plain_call
+def keyed_call(
+    recorder: Recorder, index: int, compute: torch.dtype | None = None
+) -> Call:
+    """A `Call` that hands ``((index, key), module, half, *args)`` to `recorder`,
+    first casting the stream half to `compute` (Note [Float64 stream] in stage.py)."""
 
-    def call(key: str, module: nn.Module, *args: Any) -> Tensor:
-        return recorder((index, key), module, *args)
+    def call(key: str, module: nn.Module, half: Tensor, *args: Any) -> Tensor:
+        if compute is not None:
+            half = half.to(compute)
+        if recorder is None:
+            return module(half, *args)
+        return recorder((index, key), module, half, *args)
 
     return call
 

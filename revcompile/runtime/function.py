@@ -33,7 +33,8 @@ if TYPE_CHECKING:
 
 
 class ReversibleFunction(torch.autograd.Function):
-    """``(x, *context, *params) -> y`` for one `ReversibleStage`."""
+    """``(x, *context, *params) -> y`` for one `ReversibleStage`; `x` in the stream
+    dtype, F and G computing in `compute` (Note [Float64 stream] in stage.py)."""
 
     @staticmethod
     def forward(  # type: ignore[override]
@@ -41,6 +42,7 @@ class ReversibleFunction(torch.autograd.Function):
         stage: ReversibleStage,
         context_template: tuple[Any, ...],
         n_context: int,
+        compute: torch.dtype | None,
         x: Tensor,
         *rest: Tensor,
     ) -> Tensor:
@@ -52,7 +54,7 @@ class ReversibleFunction(torch.autograd.Function):
         x_version = x._version
 
         # Runs under no_grad (autograd.Function.forward always does): nothing is stored.
-        y = stage.run_couplings(x, context, tape.record)
+        y = stage.run_couplings(x, context, tape.record, compute)
 
         if x._version != x_version:
             raise ConversionError(
@@ -63,6 +65,7 @@ class ReversibleFunction(torch.autograd.Function):
             )
         ctx.stage = stage
         ctx.context_template = context_template
+        ctx.compute = compute
         ctx.tape = tape
         ctx.autocast = AutocastState.capture(x.device.type)
         ctx.mutated = [
@@ -115,16 +118,16 @@ class ReversibleFunction(torch.autograd.Function):
                     dy2,
                     context,
                     wrt_context,
-                    keyed_call(ctx.tape.replay, i),
+                    keyed_call(ctx.tape.replay, i, ctx.compute),
                 )
                 for k, v in g.items():
                     prev = grads.get(k)
                     grads[k] = v if prev is None else prev + v
         # 3. Return gradients in input order: x, context tensors, parameters.
-        dx = stage.join(dy1, dy2) if ctx.needs_input_grad[3] else None
+        dx = stage.join(dy1, dy2) if ctx.needs_input_grad[4] else None
         d_context = [grads.get(id(c)) for c in context_leaves]
         d_params = [grads.get(id(p)) for p in params]
-        return (None, None, None, dx, *d_context, *d_params)
+        return (None, None, None, None, dx, *d_context, *d_params)
 
 
 def _fill(template: tuple[Any, ...], tensors: Any) -> tuple[Any, ...]:
