@@ -45,6 +45,9 @@ def export_graph(
     if not isinstance(gm, fx.GraphModule):
         raise TypeError(f"ExportedProgram.module() returned {type(gm).__name__}")
     _drop_guards(gm)
+    if any("batch_norm" in str(n.target) for n in gm.graph.nodes):
+        mode = "train" if root.training else "eval"
+        notes.append(f"torch.export fixed batch norm in {mode} mode")
     notes.extend(_dropout_modules(gm))
     notes.extend(attention_dropout_modules(gm))
     gm.recompile()
