@@ -173,7 +173,10 @@ def _record(
             "converted (its stages differ); pass the original model, with the "
             "leaf_modules given to convert()."
         )
-    gm = traced.gm.eval()
+    gm = traced.gm
+    # The class's method: torch.export's module() replaces train()/eval() with ones
+    # that raise, on the instance only.
+    nn.Module.train(gm, False)
     wanted = set()
     for stage, build in zip(plan.stages, converted.revcompile_builds, strict=True):
         wanted.update((stage.input, stage.output, *build.context))

@@ -71,7 +71,7 @@ def stages_table(plan: Plan) -> Table:
     table.add_column("modules")
     table.add_column("split", justify="right")
     table.add_column("context")
-    table.add_column("function")
+    table.add_column("glue")
     table.add_column("stored", justify="right")
     paths = {b.join: b.module_path or "(top level)" for b in plan.blocks}
     for s in plan.stages:
@@ -106,11 +106,15 @@ def _freed(b: ResidualBlock, ends_stage: bool) -> int:
 
 
 def _function(s: Stage) -> str:
-    """``same``, or what the rewrite moves: ``changed: post-join ReLU``."""
+    """What the rewrite moves into the branches (``post-join ReLU moved``), or ``-``.
+
+    Every stage computes a new function (couplings, not residual adds: fine-tune
+    after converting); this column is about the glue on top of that.
+    """
     moved = dict.fromkeys(
         f"post-join {g.op}" for g in s.glue if g.kind.changes_function
     )
-    return f"changed: {', '.join(moved)}" if moved else "same"
+    return f"{', '.join(moved)} moved into branch" if moved else "-"
 
 
 def _shape(shape: tuple[int, ...]) -> str:
