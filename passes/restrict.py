@@ -26,8 +26,7 @@ from torch import fx, nn
 
 from revcompile.passes.slicing import (
     Sel,
-    mixing_in_channels,
-    mixing_out_channels,
+    mixing_channels,
     per_channel_size,
     slice_mixing,
     slice_per_channel,
@@ -193,8 +192,8 @@ class _Walk:
             if pc and pc[0] == self.c and _where(pc[1], axis, rank):
                 self._swap_module(node, slice_per_channel(m, self.in_sel))
                 return axis
-            mix = mixing_in_channels(m)
-            if mix and mix[0] == self.c and _where(mix[1], axis, rank):
+            mix = mixing_channels(m)
+            if mix and mix[0] == self.c and _where(mix[2], axis, rank):
                 self._swap_module(node, slice_mixing(m, self.in_sel, None))
                 self.record.sliced.append(node.name)
                 return None
@@ -332,8 +331,8 @@ class _Walk:
             if pc and pc[0] == self.c and _where(pc[1], axis, rank):
                 self._swap_module(node, slice_per_channel(m, self.out_sel))
                 return [(src, axis)]
-            mix = mixing_out_channels(m)
-            if mix and mix[0] == self.c and _where(mix[1], axis, rank):
+            mix = mixing_channels(m)
+            if mix and mix[1] == self.c and _where(mix[2], axis, rank):
                 self._swap_module(node, slice_mixing(m, None, self.out_sel))
                 self.record.sliced.append(node.name)
                 return []

@@ -82,24 +82,13 @@ def per_channel_size(m: nn.Module) -> tuple[int, str] | None:
     return None
 
 
-def mixing_in_channels(m: nn.Module) -> tuple[int, str] | None:
-    """(input channels, axis position) for a channel-mixing module, else None."""
-    name = type(m).__name__
+def mixing_channels(m: nn.Module) -> tuple[int, int, str] | None:
+    """(input channels, output channels, axis position) of a channel-mixing module:
+    a dense conv, a Linear, transformers' Conv1D (weight stored input-first)."""
     if isinstance(m, nn.modules.conv._ConvNd) and m.groups == 1:
-        return m.in_channels, "first"
+        return m.in_channels, m.out_channels, "first"
     if isinstance(m, nn.Linear):
-        return m.in_features, "last"
-    if name == "Conv1D" and hasattr(m, "weight"):
-        return int(m.weight.shape[0]), "last"
-    return None
-
-
-def mixing_out_channels(m: nn.Module) -> tuple[int, str] | None:
-    name = type(m).__name__
-    if isinstance(m, nn.modules.conv._ConvNd) and m.groups == 1:
-        return m.out_channels, "first"
-    if isinstance(m, nn.Linear):
-        return m.out_features, "last"
-    if name == "Conv1D" and hasattr(m, "weight"):
-        return int(m.weight.shape[1]), "last"
+        return m.in_features, m.out_features, "last"
+    if type(m).__name__ == "Conv1D" and hasattr(m, "weight"):
+        return int(m.weight.shape[0]), int(m.weight.shape[1]), "last"
     return None

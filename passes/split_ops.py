@@ -8,11 +8,11 @@ through), does it move axes (permute, view), does it hold one parameter per chan
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
-import torch
 from torch import fx, nn
+
+from revcompile.passes.ops import name
 
 _UNARY = {
     "relu", "relu_", "relu6", "gelu", "silu", "sigmoid", "tanh", "hardswish",
@@ -26,11 +26,9 @@ _UNARY = {
 _BINARY = {"add", "sub", "mul", "div", "true_divide", "maximum", "minimum", "rsub"}
 _LAYOUT = {"permute", "transpose", "t", "view", "reshape", "flatten", "unflatten",
            "unsqueeze", "squeeze", "_unsafe_view"}  # fmt: skip
-_OPERATORS = {
-    operator.add: "add", operator.iadd: "add", operator.mul: "mul",
-    operator.imul: "mul", operator.sub: "sub", operator.isub: "sub",
-    operator.truediv: "div", operator.itruediv: "div", operator.getitem: "getitem",
-}  # fmt: skip
+# The split treats in-place and reflected spellings like the plain op.
+_ALIASES = {"iadd": "add", "imul": "mul", "isub": "sub", "truediv": "div",
+            "itruediv": "div", "__add__": "add", "__mul__": "mul"}  # fmt: skip
 
 _UNARY_MODULES: tuple[type[nn.Module], ...] = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish,
@@ -48,16 +46,10 @@ _UNARY_MODULE_NAMES = {
 
 def op_name(node: fx.Node) -> str:
     """'relu' for torch.relu, F.relu, Tensor.relu and aten.relu.default alike."""
-    if node.op == "call_method":
-        return str(node.target)
-    if node.op != "call_function":
+    if node.op not in ("call_function", "call_method"):
         return node.op
-    target: Any = node.target
-    if isinstance(target, torch._ops.OpOverload | torch._ops.OpOverloadPacket):
-        return str(target._schema.name).split("::")[-1]
-    if target in _OPERATORS:
-        return _OPERATORS[target]
-    return str(getattr(target, "__name__", target)).lower()
+    plain = name(node).lower()
+    return _ALIASES.get(plain, plain)
 
 
 def is_unary(node: fx.Node, root: nn.Module) -> bool:
