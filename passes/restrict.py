@@ -223,21 +223,33 @@ class _Walk:
 
     def _binary(self, node: fx.Node, axis: int, sel: Sel) -> bool:
         """Bring every other tensor operand with C channels on `axis` down to `sel`."""
-        rank = len(shape_of(node) or ())
-        for operand in node.all_input_nodes:
+        operands = self._channel_operands(node, axis)
+        if operands is None:
+            return False
+        for operand, a in operands:
             if operand in self.in_axis:
-                if self.in_axis[operand] != axis:
+                if self.in_axis[operand] != a:
                     return False
-                continue
+            elif not self._sliced_attr(operand, a, sel, node):
+                self._narrow_operand(node, operand, a, sel)
+        return True
+
+    def _channel_operands(
+        self, node: fx.Node, axis: int
+    ) -> list[tuple[fx.Node, int]] | None:
+        """Operands of a broadcasting op holding the C channels, with their own axis;
+        None when one has another size there (it cannot follow the split)."""
+        rank = len(shape_of(node) or ())
+        found = []
+        for operand in node.all_input_nodes:
             a = _aligned(axis, rank, operand)
             shape = shape_of(operand)
             if a is None or shape is None or shape[a] == 1:
                 continue
             if shape[a] != self.c:
-                return False
-            if not self._sliced_attr(operand, a, sel, node):
-                self._narrow_operand(node, operand, a, sel)
-        return True
+                return None
+            found.append((operand, a))
+        return found
 
     def _norm(self, node: fx.Node, sel: Sel) -> bool:
         """layer_norm / rms_norm over the channel axis: shrink shape and affine."""
@@ -342,7 +354,7 @@ class _Walk:
         if is_unary(node, self.gm):
             return [(src, axis)] if isinstance(src, fx.Node) else None
         if is_binary(node):
-            return self._binary_back(node, axis, rank)
+            return self._channel_operands(node, axis)
         if is_layout(node, self.gm) and isinstance(src, fx.Node):
             moved = _layout(node, src, axis, forward=False, new=self.out_sel)
             return None if moved is None else [(src, moved)]
@@ -356,18 +368,6 @@ class _Walk:
             ):
                 return []
         return None
-
-    def _binary_back(self, node: fx.Node, axis: int, rank: int) -> Any:
-        found = []
-        for operand in node.all_input_nodes:
-            a = _aligned(axis, rank, operand)
-            shape = shape_of(operand)
-            if a is None or shape is None or shape[a] == 1:
-                continue
-            if shape[a] != self.c:
-                return None
-            found.append((operand, a))
-        return found
 
     def _narrow_after(
         self, node: fx.Node, axis: int, on_path: set[fx.Node], from_in: bool = False
