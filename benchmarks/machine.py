@@ -7,7 +7,10 @@ import ctypes
 import ctypes.util
 import os
 import resource
+import statistics
 import time
+from collections.abc import Callable
+from typing import Any
 
 MIB = 2**20
 QUIET = 0.1  # a step counts as undisturbed if other processes used < 0.1 core
@@ -16,6 +19,20 @@ QUIET = 0.1  # a step counts as undisturbed if other processes used < 0.1 core
 def rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize()
+
+
+def peak_rss_bytes() -> int:
+    """This address space's RSS high-water mark (VmHWM). Not ru_maxrss: Linux carries
+    that across exec from the forked parent, so a worker would report its parent's."""
+    with open("/proc/self/status") as f:
+        line = next(line for line in f if line.startswith("VmHWM:"))
+    return int(line.split()[1]) * 1024
+
+
+def reset_peak() -> None:
+    """Lower VmHWM to the current RSS, so the next peak is that of what follows."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def heap_allocation() -> None:
@@ -62,3 +79,26 @@ def wait_quiet(patience: float) -> bool:
             return True
         if time.monotonic() > deadline:
             return False
+
+
+def timed(fn: Callable[[], object], steps: int) -> dict[str, Any]:
+    """Median wall and CPU time (all threads) of `steps` calls of `fn`. A call during
+    which other processes used `QUIET` cores or more is retried once the machine is
+    quiet again, up to 3x `steps` tries in all; then the fastest are kept.
+    `disturbed` counts the retried calls, negative if some kept times are disturbed."""
+    quiet: list[tuple[float, float]] = []
+    noisy: list[tuple[float, float]] = []
+    while len(quiet) < steps and len(quiet) + len(noisy) < 3 * steps:
+        if noisy:
+            wait_quiet(patience=10)
+        ticks, cpu0, t0 = cpu_ticks(), time.process_time(), time.perf_counter()
+        fn()
+        wall, cpu = time.perf_counter() - t0, time.process_time() - cpu0
+        (quiet if others_cores(*ticks, wall) < QUIET else noisy).append((wall, cpu))
+    kept = quiet if len(quiet) >= steps else sorted(quiet + noisy)[:steps]
+    return {
+        "time": statistics.median(w for w, _ in kept),
+        "cpu": statistics.median(c for _, c in kept),
+        "times": kept,
+        "disturbed": len(noisy) if kept is quiet else -len(noisy),
+    }

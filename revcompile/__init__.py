@@ -2,6 +2,8 @@
 
 from revcompile.api import analyze as analyze
 from revcompile.api import convert as convert
+from revcompile.calibrate import Calibration as Calibration
+from revcompile.calibrate import calibrate as calibrate
 from revcompile.errors import ConversionError as ConversionError
 from revcompile.errors import DoubleBackwardError as DoubleBackwardError
 from revcompile.errors import ReconstructionError as ReconstructionError

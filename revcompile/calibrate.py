@@ -21,6 +21,11 @@ a regression. The converted function has other activation statistics than the
 original (an F sees half the channels it used to), so afterwards every batch norm of
 the stage gets running statistics recomputed on the calibration batches for the fitted
 weights. The converted model's train/eval modes are restored at the end.
+
+Recomputing the statistics assumes that the original's running statistics describe the
+calibration batches, as a trained model's do. Where they do not (a model trained for a
+few steps, other data), the fitted stage can end further from the original in eval mode
+than it started; such a fit is undone, and the report says so.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ class StageFit:
     module: str  # the stage's name in the converted model, e.g. ``rev_layer1_0``
     before: float  # |stage(x) - y|^2 / |y|^2 before fitting
     after: float  # the same after fitting and recomputing batch-norm statistics
+    undone: bool = False  # the fit made it worse, so the stage was put back
 
 
 @dataclass(frozen=True)
@@ -68,10 +74,12 @@ class Calibration:
         n = len(self.stages)
         before = sum(s.before for s in self.stages) / max(n, 1)
         after = sum(s.after for s in self.stages) / max(n, 1)
+        undone = sum(s.undone for s in self.stages)
         return (
             f"{n} stage{'' if n == 1 else 's'} fitted on {self.batches} batches, "
             f"{self.steps} steps each, in {self.seconds:.1f} s; relative error "
             f"{before:.3g} -> {after:.3g} (mean over stages)"
+            + (f"; {undone} fit{'' if undone == 1 else 's'} undone" if undone else "")
         )
 
 
@@ -191,9 +199,14 @@ def _fit(
     stage: nn.Module, name: str, data: list[Sample], steps: int, lr: float
 ) -> StageFit:
     before = _error(stage, data)
+    # Put back if the fit makes things worse: the original's running statistics may
+    # not describe the calibration batches (Note [Calibration]).
+    saved = {k: v.clone() for k, v in stage.state_dict().items()}
     params = [p for p in stage.parameters() if p.requires_grad]
     if steps and params:
-        optimizer = torch.optim.Adam(params, lr=lr)
+        # foreach: one kernel per step for all tensors, not a Python loop over them
+        # (the default off CUDA); a stage has many small ones.
+        optimizer = torch.optim.Adam(params, lr=lr, foreach=True)
         _batch_norm_mode(stage)
         # Plain autograd: a stage on a few batches fits in memory, and the reversible
         # backward would only add the recompute.
@@ -205,7 +218,11 @@ def _fit(
                 loss.backward()
                 optimizer.step()
     _recompute_statistics(stage, data)
-    return StageFit(name, before, _error(stage, data))
+    after = _error(stage, data)
+    if after > before:
+        stage.load_state_dict(saved)
+        return StageFit(name, before, before, undone=True)
+    return StageFit(name, before, after)
 
 
 def _batch_norm_mode(stage: nn.Module) -> None:

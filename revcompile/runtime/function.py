@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from revcompile.errors import ConversionError, DoubleBackwardError
-from revcompile.runtime.coupling import keyed_call
+from revcompile.runtime.coupling import Carry, keyed_call
 from revcompile.runtime.state import (
     AutocastState,
     RngTape,
@@ -97,8 +97,7 @@ class ReversibleFunction(torch.autograd.Function):
         wrt_context = [c for c in context_leaves if c.requires_grad]
 
         grads: dict[int, Tensor] = {}
-        y1, y2 = stage.split(y)
-        dy1, dy2 = stage.split(dy)
+        carry = Carry(*stage.split(y), *stage.split(dy))
         # 1. Walk the couplings from last to first, rebuilding each input from its
         #    output and back-propagating through one coupling at a time.
         # 2. Replay the forward's RNG draws and autocast state; freeze running stats
@@ -110,12 +109,8 @@ class ReversibleFunction(torch.autograd.Function):
             buffers_restored(ctx.mutated),
         ):
             for i in reversed(range(len(stage.couplings))):
-                coupling = stage.couplings[i]
-                y1, y2, dy1, dy2, g = coupling.backward_step(
-                    y1,
-                    y2,
-                    dy1,
-                    dy2,
+                carry, g = stage.couplings[i].backward_step(
+                    carry,
                     context,
                     wrt_context,
                     keyed_call(ctx.tape.replay, i, ctx.compute),
@@ -124,7 +119,7 @@ class ReversibleFunction(torch.autograd.Function):
                     prev = grads.get(k)
                     grads[k] = v if prev is None else prev + v
         # 3. Return gradients in input order: x, context tensors, parameters.
-        dx = stage.join(dy1, dy2) if ctx.needs_input_grad[4] else None
+        dx = stage.join(carry.dy1, carry.dy2) if ctx.needs_input_grad[4] else None
         d_context = [grads.get(id(c)) for c in context_leaves]
         d_params = [grads.get(id(p)) for p in params]
         return (None, None, None, None, dx, *d_context, *d_params)

@@ -167,3 +167,45 @@ def test_bad_split_is_explained() -> None:
         stage(torch.randn(2, 8))
     with pytest.raises(ValueError, match="at least one coupling"):
         revcompile.ReversibleStage([])
+
+
+class _Shift(nn.Module):
+    """``x + bias`` with a full-shape bias: autograd hands back the incoming gradient
+    itself as the bias's gradient, an alias of a tensor the backward rebuilds in
+    place (Note [Rebuild in place] in coupling.py)."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.randn(shape, dtype=F64))
+
+    def forward(self, x: Tensor, scale: Tensor) -> Tensor:
+        return x + self.bias + scale
+
+
+def test_gradients_that_alias_the_rebuilt_halves_stay_intact() -> None:
+    """Parameter and context gradients equal to the incoming gradient are kept as
+    they were, not overwritten by the in-place rebuild of later couplings."""
+    shape = (3, 4)
+    couplings = [
+        revcompile.AdditiveCoupling(_Shift(shape), _Shift(shape)) for _ in "ab"
+    ]
+    stage = revcompile.ReversibleStage(couplings, dim=1)
+    x = torch.randn(3, 8, dtype=F64, requires_grad=True)
+    scale = torch.randn(3, 4, dtype=F64, requires_grad=True)
+    assert_matches_storing(stage, x, scale, rtol=1e-12)
+
+
+def test_output_held_by_the_caller_is_not_rebuilt_in_place() -> None:
+    """Backward rebuilds into tensors of its own; the saved output is read, never
+    written, so a caller holding it (or a second backward) sees it unchanged."""
+    stage = conv_stage(3).double()
+    x = torch.randn(2, 16, 4, 4, dtype=F64, requires_grad=True)
+    out = stage(x)
+    kept = out.detach().clone()
+    version = out._version
+    out.square().sum().backward(retain_graph=True)
+    assert torch.equal(out, kept) and out._version == version
+    first = x.grad.clone()
+    x.grad = None
+    out.square().sum().backward()
+    assert torch.equal(x.grad, first)
