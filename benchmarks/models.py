@@ -47,6 +47,7 @@ from typing import Any, NamedTuple
 import machine  # benchmarks/machine.py: RSS, allocator regime, neighbours
 import torch
 import torchvision
+from tables import table
 from torch import Tensor, nn
 from torch.nn import functional as F
 from torch.utils.checkpoint import checkpoint
@@ -223,22 +224,6 @@ def largest_batch(name: str, method: str, cap: int, guess: int, top: int) -> int
         mid = (lo + hi) // 2
         lo, hi = (mid, hi) if probe(mid) else (lo, mid)
     return lo
-
-
-def table(title: str, rows: list[list[str]], header: list[str], md: bool) -> None:
-    if md:
-        print(f"\n**{title}**\n\n| " + " | ".join(header) + " |")
-        print("|---" * len(header) + "|")
-        for row in rows:
-            print("| " + " | ".join(row) + " |")
-        return
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(*header, title=title)
-    for row in rows:
-        t.add_row(*row)
-    Console().print(t)
 
 
 def report(

@@ -58,6 +58,7 @@ from stage_models import (
     saved_counter,
     step,
 )
+from tables import table
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH, SIZE, THREADS = 32, 32, 2
@@ -196,19 +197,7 @@ def render(rows: list[dict[str, Any]], ns: list[int], markdown: bool) -> None:
             continue
         shown = [m for m in methods if any(key in by.get((m, n), {}) for n in ns)]
         body = [[label[m], *(cell(m, n, key, unit) for n in ns)] for m in shown]
-        if markdown:
-            print(f"\n**{title}**\n\n| " + " | ".join(header) + " |")
-            print("|---" * len(header) + "|")
-            for line in body:
-                print("| " + " | ".join(line) + " |")
-            continue
-        from rich.console import Console
-        from rich.table import Table
-
-        table = Table(*header, title=title)
-        for line in body:
-            table.add_row(*line)
-        Console().print(table)
+        table(title, body, header, markdown)
     print(
         "\nmax relative error vs storing, float64 (output, input and parameter grads):"
     )

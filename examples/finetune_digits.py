@@ -27,12 +27,11 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from harness import (
-    check_finite,
     cost_cells,
+    finish,
     measure,
     plan_summary,
     progress,
-    write_json,
 )
 from rich.console import Console
 from rich.table import Table
@@ -261,14 +260,8 @@ def main(argv: list[str] | None = None) -> int:
             rounds=2 if tiny else 6,
             device=dev,
         )
-    console.print(summary_table(results, epochs, pre_epochs))
-    bad = check_finite(results)
-    results["finite"] = not bad
-    write_json(args.json, results)
-    if bad:
-        console.print(f"[red]not finite: {', '.join(bad)}")
-        return 1
-    return 0
+    summary = summary_table(results, epochs, pre_epochs)
+    return finish(console, summary, results, args.json)
 
 
 def summary_table(results: dict[str, Any], epochs: int, pre_epochs: int) -> Table:

@@ -33,12 +33,11 @@ import torch
 import torch.nn.functional as F
 from harness import (
     batched,
-    check_finite,
     cost_cells,
+    finish,
     measure,
     plan_summary,
     progress,
-    write_json,
 )
 from rich.console import Console
 from rich.table import Table
@@ -241,14 +240,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds=2 if tiny else 5,
         device=dev,
     )
-    console.print(summary_table(results, epochs))
-    bad = check_finite(results)
-    results["finite"] = not bad
-    write_json(args.json, results)
-    if bad:
-        console.print(f"[red]not finite: {', '.join(bad)}")
-        return 1
-    return 0
+    return finish(console, summary_table(results, epochs), results, args.json)
 
 
 def summary_table(results: dict[str, Any], epochs: int) -> Table:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from rich.console import Group, RenderableType
+from rich.console import Console, Group, RenderableType
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -236,9 +236,20 @@ def check_finite(results: dict[str, Any]) -> list[str]:
     return bad
 
 
-def write_json(path: str | None, results: dict[str, Any]) -> None:
+def finish(
+    console: Console, summary: RenderableType, results: dict[str, Any], path: str | None
+) -> int:
+    """Print the summary, write every figure to `path` (JSON) if given, and return
+    the exit status: 1 if any figure is not finite."""
+    console.print(summary)
+    bad = check_finite(results)
+    results["finite"] = not bad
     if path:
         Path(path).write_text(json.dumps(results, indent=2) + "\n")
+    if bad:
+        console.print(f"[red]not finite: {', '.join(bad)}")
+        return 1
+    return 0
 
 
 def batched(items: Iterable[Any], n: int) -> list[list[Any]]:
