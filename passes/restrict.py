@@ -7,7 +7,8 @@ forward from the stream, the ops that read it take the input-channel slice: chan
 mixing ops (conv, linear) lose input channels, per-channel ops (norms, depthwise convs,
 layer scales) lose channels. Walking back from the branch output, the ops that write it
 take the output slice. The hidden width in between is kept whole, so every pretrained
-hidden unit survives and attention heads need no surgery.
+hidden unit survives and attention heads need no surgery. `nn.MultiheadAttention` holds
+both of its projections, so one call is sliced on both sides (passes/attention.py).
 
 Where an op is not understood, the walk stops at a boundary: a zero-pad back to all C
 channels in front of the op on the input side (for an op linear in its input this
@@ -24,6 +25,12 @@ from typing import Any
 
 from torch import fx, nn
 
+from revcompile.passes.attention import (
+    attention_call,
+    attention_width,
+    reads_as_qkv,
+    sliced_attention,
+)
 from revcompile.passes.slicing import (
     Sel,
     mixing_channels,
@@ -170,7 +177,7 @@ class _Walk:
             srcs = [a for a in node.all_input_nodes if a in self.in_axis]
             if not srcs:
                 continue
-            axis = self._forward_one(node, srcs[0], self.in_axis[srcs[0]])
+            axis = self._forward_one(node, srcs, self.in_axis[srcs[0]])
             if axis == "pad":
                 for arg in srcs:
                     full = (arg, self.in_axis[arg], self.c, self.in_sel[0])
@@ -181,8 +188,9 @@ class _Walk:
             elif axis is not None:
                 self.in_axis[node] = axis
 
-    def _forward_one(self, node: fx.Node, src: fx.Node, axis: int) -> Any:
+    def _forward_one(self, node: fx.Node, srcs: list[fx.Node], axis: int) -> Any:
         """The stream axis of `node`'s output, None if it mixes channels, or "pad"."""
+        src = srcs[0]
         rank = len(shape_of(src) or ())
         if node.op == "call_module":
             m = self.gm.get_submodule(str(node.target))
@@ -199,6 +207,8 @@ class _Walk:
                 return None
             if type(m).__name__ == "Permute":
                 return list(m.dims).index(axis)
+            if self._attention_reads(node, m, srcs, axis, rank):
+                return None
             return "pad"
         if is_unary(node, self.gm):
             return axis if node.args and node.args[0] is src else "pad"
@@ -291,6 +301,22 @@ class _Walk:
         self.record.sliced.append(node.name)
         return True
 
+    def _attention_reads(
+        self, node: fx.Node, m: nn.Module, srcs: list[fx.Node], axis: int, rank: int
+    ) -> bool:
+        """Self-attention over the stream: its input projection loses input channels.
+        Cross-attention, masks computed from the stream and the like are padded."""
+        if attention_width(m) != self.c or axis != rank - 1 or len(srcs) != 1:
+            return False
+        if not reads_as_qkv(node, srcs[0]):
+            return False
+        new = sliced_attention(m, self.in_sel, None)
+        if new is None:
+            return False
+        self._swap_module(node, new)
+        self.record.sliced.append(node.name)
+        return True
+
     # -- the output side -------------------------------------------------------------
 
     def backward(self) -> None:
@@ -358,6 +384,9 @@ class _Walk:
         if is_layout(node, self.gm) and isinstance(src, fx.Node):
             moved = _layout(node, src, axis, forward=False, new=self.out_sel)
             return None if moved is None else [(src, moved)]
+        call = attention_call(node, self.gm)
+        if call is not None:
+            return [] if self._attention_writes(call, axis, rank) else None
         name = op_name(node)
         if name in _NORM_FUNCS and isinstance(src, fx.Node) and axis == rank - 1:
             return [(src, axis)] if self._norm(node, self.out_sel) else None
@@ -368,6 +397,20 @@ class _Walk:
             ):
                 return []
         return None
+
+    def _attention_writes(self, call: fx.Node, axis: int, rank: int) -> bool:
+        """``attn(...)[0]`` on the output path: the output projection loses output
+        channels, keeping any input slice the forward walk gave the call."""
+        m = self.gm.get_submodule(str(call.target))
+        if attention_width(m) != self.c or axis != rank - 1:
+            return False
+        new = sliced_attention(m, None, self.out_sel)
+        if new is None:
+            return False
+        self._swap_module(call, new)
+        if call.name not in self.record.sliced:
+            self.record.sliced.append(call.name)
+        return True
 
     def _narrow_after(
         self, node: fx.Node, axis: int, on_path: set[fx.Node], from_in: bool = False
