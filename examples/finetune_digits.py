@@ -33,6 +33,7 @@ from harness import (
     plan_summary,
     progress,
 )
+from hidden import halve_all, parameters
 from rich.console import Console
 from rich.table import Table
 from sklearn.datasets import load_digits
@@ -175,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibrate-steps", type=int, default=None, help="default 50")
     p.add_argument("--calibrate-batches", type=int, default=None, help="default 4")
     p.add_argument("--calibrate-lr", type=float, default=1e-3)
-    p.add_argument("--init", choices=["sliced", "identity", "random"], default="sliced")
+    inits = ["sliced", "identity", "random", "half-hidden"]
+    p.add_argument("--init", choices=inits, default="sliced")
     p.add_argument("--checkpoint", help="load the pretrained model here, or save it")
     p.add_argument("--skip-original", action="store_true", help="fine-tune only one")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -219,7 +221,14 @@ def main(argv: list[str] | None = None) -> int:
     results["original"] = {"test": accuracy(model, test)}
 
     converted = revcompile.convert(model, example)
-    reinit(converted, args.init)
+    if args.init == "half-hidden":  # the alternative default (examples/hidden.py)
+        halve_all(converted)
+    else:
+        reinit(converted, args.init)
+    results["parameters"] = {
+        "original": parameters(model),
+        "converted": parameters(converted),
+    }
     results["converted_step0"] = {"test": accuracy(converted, test)}
     if not args.no_calibrate:
         batches = list(train_data[0].split(batch))[:cal_batches]
