@@ -46,6 +46,7 @@ from revcompile.passes.split_ops import (
     op_name,
     shape_of,
 )
+from revcompile.passes.tidy import drop_unused_attributes, eliminate_dead_code
 from revcompile.runtime.branches import full_size, narrow_channels, pad_channels
 
 _NORM_FUNCS = {"layer_norm", "rms_norm"}
@@ -85,25 +86,12 @@ def restrict(
     walk = _Walk(gm, dim, channels, in_sel, out_sel)
     walk.forward()
     walk.backward()
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm)
     gm.graph.lint()
     gm.delete_all_unused_submodules()
-    _drop_unused_attributes(gm)
+    drop_unused_attributes(gm)
     gm.recompile()
     return gm, walk.record
-
-
-def _drop_unused_attributes(gm: fx.GraphModule) -> None:
-    """Delete parameters and buffers that no node reads any more (the originals of
-    sliced get_attr tensors): they would never get a gradient, which DDP rejects."""
-    read = {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}
-    called = tuple(f"{n.target}." for n in gm.graph.nodes if n.op == "call_module")
-    tensors = [*gm.named_parameters(), *gm.named_buffers()]
-    for name, _ in tensors:
-        if name in read or name.startswith(called):
-            continue
-        owner, _, attr = name.rpartition(".")
-        delattr(gm.get_submodule(owner), attr)
 
 
 def _aligned(axis: int, rank: int, operand: Any) -> int | None:

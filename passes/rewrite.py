@@ -24,6 +24,7 @@ from torch import Tensor, fx, nn
 from revcompile.passes.capture import capture
 from revcompile.passes.channel_split import HalfBranch, split_branch
 from revcompile.passes.ir import GlueKind, Plan, ResidualBlock, Stage
+from revcompile.passes.tidy import drop_unused_attributes, eliminate_dead_code
 from revcompile.runtime.coupling import AdditiveCoupling
 from revcompile.runtime.stage import ReversibleStage
 
@@ -64,9 +65,10 @@ def rewrite(
         _splice(gm, nodes, stage, blocks, build.module_name, module, build.context)
         builds.append(build)
     _outplace_after_stages(gm, {b.module_name for b in builds})
-    gm.graph.eliminate_dead_code()
+    eliminate_dead_code(gm)
     gm.graph.lint()
     gm.delete_all_unused_submodules()
+    drop_unused_attributes(gm)
     # Unpickling re-traces a GraphModule's code with the recorded tracer class; fx's
     # own keeps a converted model loadable with torch alone.
     gm._tracer_cls = None
