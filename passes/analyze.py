@@ -164,10 +164,13 @@ def _projection_block(
         return None  # a sum of two branches, not a shortcut
     first = df.node(shortcut[0])
     was, now = tensor_info(fork), tensor_info(join)
-    change = f" changes the stream {was.shape} -> {now.shape}" if was and now else ""
+    if was and now and was.shape != now.shape:
+        why = f" changes the stream {was.shape} -> {now.shape}"
+    else:  # e.g. Falcon's `mlp_out += attn_out`: two branches, neither the stream
+        why = f"; neither side is {fork.name} itself, so nothing carries the stream"
     reason = Reason(
         ReasonKind.PROJECTION_SHORTCUT,
-        f"shortcut through {ops.describe(first, df.gm)} at {where(first)}{change}",
+        f"shortcut through {ops.describe(first, df.gm)} at {where(first)}{why}",
     )
     context, _ = _inputs(branch, {*branch, *shortcut, fork.name}, df)
     return _record(join, fork, tuple(shortcut), branch, context, df, reason)
