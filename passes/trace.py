@@ -288,10 +288,19 @@ def _failure(what: str, error: BaseException, root: nn.Module) -> str:
 
 
 def _advice(model: nn.Module, why: str, args: tuple, kwargs: dict) -> str:
+    # Training-only code that branches on data (Wav2Vec2's SpecAugment masks, LayerDrop)
+    # traces in neither form; eval mode usually skips it.
+    training = (
+        "; or, if the model traces in eval mode, switch off its data-dependent "
+        "training-only behaviour (masking, layer drop) in its config before "
+        "converting, as no trace can keep it"
+        if model.training
+        else ""
+    )
     return (
         f"cannot trace {type(model).__name__} with inputs "
         f"{_inputs.shapes(args, kwargs) or '(none)'}: {why}. Fix: keep the failing "
         f"module whole with leaf_modules=[ThatModule] (or its dotted path), or pass "
         f"example_inputs= that the model accepts (a tuple, or a dict of keyword "
-        f"tensors)"
+        f"tensors){training}"
     )

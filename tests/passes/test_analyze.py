@@ -366,6 +366,11 @@ def test_untraceable_submodule_names_the_module_and_the_fix() -> None:
         revcompile.analyze(Untraceable(), image())
     assert "leaf_modules" in str(info.value)
     assert isinstance(info.value, RuntimeError)
+    # A model in training mode also hears about training-only data-dependent code.
+    assert "training-only" in str(info.value)
+    with pytest.raises(revcompile.TraceError) as info:
+        revcompile.analyze(Untraceable().eval(), image())
+    assert "training-only" not in str(info.value)
 
 
 @pytest.mark.parametrize("leaf", [Checked, "blocks.0", "instance"])
