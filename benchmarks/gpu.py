@@ -45,7 +45,7 @@ SPECS = {
     "gpt24": Spec(
         functools.partial(gpt, 24, 768, 12, 512),
         Block,
-        functools.partial(tokens, 65, 512),
+        functools.partial(tokens, 512),
         8,
     ),
 }
@@ -53,7 +53,7 @@ QUICK = {
     "gpt": Spec(
         functools.partial(gpt, 2, 64, 4, 32),
         Block,
-        functools.partial(tokens, 65, 32),
+        functools.partial(tokens, 32),
         4,
     )
 }

@@ -1,0 +1,37 @@
+"""Every benchmark script runs end to end in its smallest form, so that none can rot
+unnoticed between the sessions that measure with it (gpu.py needs no GPU here)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+STAGE = ["--methods", "storing,revcompile", "--ns", "4", "--steps", "1"]
+STAGE += ["--patience", "0"]  # no waiting for a quiet machine
+RUNS = {
+    "branch_cost": (["branch_cost.py"], "ViT attention"),
+    "stage": (
+        ["stage.py", *STAGE],
+        "revcompile:",  # its float64 check against storing mode
+    ),
+    "models": (["models.py", "--quick", "--no-search", "--steps", "1"], "quick (8)"),
+    "gpu": (["gpu.py", "--device", "cpu", "--quick"], "revcompile"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(RUNS))
+def test_benchmark_runs(name: str) -> None:
+    args, expected = RUNS[name]
+    proc = subprocess.run(
+        [sys.executable, *args], cwd=BENCHMARKS, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert expected in proc.stdout
+    assert "FAILED" not in proc.stdout
