@@ -125,11 +125,6 @@ def step(model: nn.Module, opt: torch.optim.Optimizer, batch: Batch) -> None:
     opt.step()
 
 
-def peak_bytes() -> int:
-    with open("/proc/self/status") as f:
-        return 1024 * int(next(ln for ln in f if ln.startswith("VmHWM:")).split()[1])
-
-
 def watchdog(cap: int, done: threading.Event) -> None:
     """Exit as soon as RSS passes `cap`: a batch that does not fit fails within its
     forward, not after a full step, and cannot push the shared machine into OOM."""
@@ -164,13 +159,12 @@ def worker(name: str, method: str, batch: int, steps: int, cap: int) -> Result:
         step(model, opt, spec.inputs(2))
         data = spec.inputs(batch)
         before = machine.rss_bytes()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # VmHWM := current RSS (Linux >= 4.0)
+        machine.reset_peak()
         done = threading.Event()
         if cap:
             threading.Thread(target=watchdog, args=(cap, done), daemon=True).start()
         step(model, opt, data)
-        peak = peak_bytes()
+        peak = machine.peak_rss_bytes()
         done.set()  # the timing below keeps freed memory: RSS stops meaning peak
         out: Result = {"fits": peak <= cap, "peak": peak, "growth": peak - before}
         if steps:

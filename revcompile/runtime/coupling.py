@@ -84,15 +84,15 @@ class AdditiveCoupling(nn.Module):
         context: Sequence[Any],
         wrt_context: Sequence[Tensor],
         call: Call,
-    ) -> tuple[Carry, dict[int, Tensor]]:
+        grads: dict[int, Tensor],
+    ) -> None:
         """Rebuild ``(x1, x2)`` from ``(y1, y2)`` and back-propagate ``(dy1, dy2)``.
 
         RevNet's Algorithm 1: G and F each run once, with grad, on rebuilt values; the
-        same evaluations serve the inverse and the vector-Jacobian products. Returns the
-        carry one coupling earlier and gradients keyed by ``id()`` of the parameters of
-        F and G and of the tensors in `wrt_context`.
+        same evaluations serve the inverse and the vector-Jacobian products. `carry`
+        moves one coupling earlier; gradients of the parameters of F and G and of the
+        tensors in `wrt_context` are added into `grads`, keyed by ``id()``.
         """
-        grads: dict[int, Tensor] = {}
         # 1. z1 = y1 as a fresh leaf; g = G(z1) with a graph.
         z1 = carry.y1.detach().requires_grad_(True)
         g_branch = _Branch(self.G)
@@ -115,7 +115,6 @@ class AdditiveCoupling(nn.Module):
         carry.update("y1", f.detach(), subtract=True)
         del f
         carry.update("dy2", dx2_f)
-        return carry, grads
 
 
 class Carry:
@@ -125,12 +124,11 @@ class Carry:
     Reconstruction writes each coupling's input over its output (``y2 -= G(y1)``) and
     each gradient over the one it extends, so backward holds one generation of the
     four halves rather than two: at C=64, 32x32, batch 32 this took the peak of a
-    stage from 72 to 60 MiB. Only tensors the backward allocated itself are written:
-    the saved stage output may still be held by the caller, and the incoming gradient
-    belongs to autograd; the first coupling (last in the stage) copies instead.
+    stage from 72 to 64 MiB (benchmarks/stage.py). Only tensors the backward
+    allocated itself are written: the saved stage output may still be held by the
+    caller, and the incoming gradient belongs to autograd; the first coupling (last in
+    the stage) copies instead.
     """
-
-    NAMES = ("y1", "y2", "dy1", "dy2")
 
     def __init__(self, y1: Tensor, y2: Tensor, dy1: Tensor, dy2: Tensor) -> None:
         self.y1, self.y2, self.dy1, self.dy2 = y1, y2, dy1, dy2

@@ -109,15 +109,13 @@ class ReversibleFunction(torch.autograd.Function):
             buffers_restored(ctx.mutated),
         ):
             for i in reversed(range(len(stage.couplings))):
-                carry, g = stage.couplings[i].backward_step(
+                stage.couplings[i].backward_step(
                     carry,
                     context,
                     wrt_context,
                     keyed_call(ctx.tape.replay, i, ctx.compute),
+                    grads,
                 )
-                for k, v in g.items():
-                    prev = grads.get(k)
-                    grads[k] = v if prev is None else prev + v
         # 3. Return gradients in input order: x, context tensors, parameters.
         dx = stage.join(carry.dy1, carry.dy2) if ctx.needs_input_grad[4] else None
         d_context = [grads.get(id(c)) for c in context_leaves]
