@@ -1,41 +1,108 @@
-"""torch.export for models symbolic tracing cannot handle, made fit for training.
+"""torch.export for modules symbolic tracing cannot handle, made fit for training.
 
 Note [Export for training]
-``torch.export`` specialises a graph to the example shapes and bakes the dropout mode
-in as a constant (``aten.dropout(x, p, True)``). A converted model is trained on other
-batch sizes and sequence lengths, and ``eval()`` must switch dropout off. So every
-input dimension is exported as ``Dim.AUTO`` (export keeps dynamic what the model allows
-and specialises the rest), the shape guards are dropped (they pin every dynamic size to
-at least 2, which would refuse a batch of one), and each ``aten.dropout`` becomes an
-``nn.Dropout`` module call, which reads the mode when it runs.
+``torch.export`` specialises a graph to the example shapes, to the example dtype and
+bakes the dropout mode in as a constant (``aten.dropout(x, p, True)``). A converted
+model is trained on other batch sizes and sequence lengths, cast to bfloat16, and
+``eval()`` must switch dropout off. So every input dimension is exported as
+``Dim.AUTO`` (export keeps dynamic what the model allows and specialises the rest),
+the shape guards are dropped (they pin every dynamic size to at least 2, which would
+refuse a batch of one), dtypes follow the module (Note [Dtypes that follow the model]
+in dtypes.py) and each ``aten.dropout`` becomes an ``nn.Dropout`` module call, which
+reads the mode when it runs.
 """
 
 from __future__ import annotations
 
-import inspect
+import copy
+from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import fx, nn
+from torch import Tensor, fx, nn
 from torch.export import Dim
-from torch.utils._pytree import tree_map
+from torch.utils import _pytree as pytree
 
+from revcompile.passes.dtypes import REF, TRACED, follow_model_dtype
+from revcompile.passes.flat import flat_module, reroot
 from revcompile.passes.modes import attention_dropout_modules
+from revcompile.runtime.calls import CallPattern, tensor_leaves
 
 
-def export_graph(
-    root: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
-) -> tuple[fx.GraphModule, list[str]]:
-    """An unlifted GraphModule of `root` with dynamic input sizes, plus notes."""
-    notes = []
+@dataclass(frozen=True)
+class Exported:
+    gm: fx.GraphModule  # over the module's own members, flat inputs
+    pattern: CallPattern
+    out_spec: pytree.TreeSpec | None  # None: the graph returns its one output
+    notes: list[str]
+    dtype: torch.dtype | None  # the dtype its casts follow, None if they are fixed
+
+
+def export_graph(module: nn.Module, arguments: dict[str, Any]) -> Exported:
+    """A GraphModule of one call of `module` with dynamic sizes, plus notes."""
+    dtype = model_dtype(module, arguments)
+    notes: list[str] = []
+    gm, out_spec, follows = None, None, None
+    if dtype is not None:  # Note [Dtypes that follow the model]
+        try:
+            traced = copy.deepcopy(module).to(TRACED)
+            gm, out_spec = _export(traced, _to(arguments, TRACED), notes)
+            gm.register_buffer(REF, torch.empty(0, dtype=dtype), persistent=False)
+            if count := follow_model_dtype(gm):
+                follows = dtype
+                notes.append(f"{count} dtype constants follow the model's dtype")
+        except Exception as e:  # some op has no float64 form: keep the dtypes fixed
+            notes.append(
+                f"export in float64 failed ({type(e).__name__}), so the graph's casts "
+                f"stay {dtype}: cast the model before converting, not after"
+            )
+            gm = None
+    if gm is None:
+        gm, out_spec = _export(module, arguments, notes)
+    gm = reroot(gm, module)
+    _cast_constants(gm, module, follows)
+    if any("batch_norm" in str(n.target) for n in gm.graph.nodes):
+        mode = "train" if module.training else "eval"
+        notes.append(f"torch.export fixed batch norm in {mode} mode")
+    notes.extend(_dropout_modules(gm))
+    notes.extend(attention_dropout_modules(gm))
+    gm.recompile()
+    return Exported(gm, CallPattern.of(arguments), out_spec, notes, follows)
+
+
+def model_dtype(module: nn.Module, arguments: dict[str, Any]) -> torch.dtype | None:
+    """The floating dtype the module computes in: its parameters' and buffers' most
+    common one, else its floating inputs'; None when nothing is floating."""
+    counts = Counter(
+        t.dtype
+        for t in (*module.parameters(), *module.buffers())
+        if t.is_floating_point()
+    )
+    if counts:
+        return counts.most_common(1)[0][0]
+    floating = [t.dtype for t in tensor_leaves(arguments) if t.is_floating_point()]
+    return floating[0] if floating else None
+
+
+def _to(arguments: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    def cast(v: Any) -> Any:
+        return v.to(dtype) if isinstance(v, Tensor) and v.is_floating_point() else v
+
+    return pytree.tree_map(cast, arguments)
+
+
+def _export(
+    module: nn.Module, arguments: dict[str, Any], notes: list[str]
+) -> tuple[fx.GraphModule, pytree.TreeSpec | None]:
+    flat = flat_module(module, arguments)
+    tensors = tuple(tensor_leaves(arguments))
+    auto = tuple(dict.fromkeys(range(t.dim()), Dim.AUTO) for t in tensors)
     try:
-        shapes = _auto_shapes(root, args, kwargs)
-        program = torch.export.export(
-            root, args, kwargs, dynamic_shapes=shapes, strict=False
-        )
+        program = torch.export.export(flat, tensors, dynamic_shapes=auto, strict=False)
         notes.append("torch.export kept the input sizes dynamic where the model allows")
     except Exception as e:  # some models only export with static shapes
-        program = torch.export.export(root, args, kwargs, strict=False)
+        program = torch.export.export(flat, tensors, strict=False)
         notes.append(
             "torch.export specialised the graph to the example input shapes "
             f"(dynamic sizes failed: {type(e).__name__}); call the converted model "
@@ -44,33 +111,38 @@ def export_graph(
     gm = program.module()
     if not isinstance(gm, fx.GraphModule):
         raise TypeError(f"ExportedProgram.module() returned {type(gm).__name__}")
+    out_spec = _flat_output(gm)
     _drop_guards(gm)
-    if any("batch_norm" in str(n.target) for n in gm.graph.nodes):
-        mode = "train" if root.training else "eval"
-        notes.append(f"torch.export fixed batch norm in {mode} mode")
-    notes.extend(_dropout_modules(gm))
-    notes.extend(attention_dropout_modules(gm))
-    gm.recompile()
-    return gm, notes
+    return gm, out_spec
 
 
-def _auto_shapes(root: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """``Dim.AUTO`` for every dimension of every tensor input, keyed by parameter."""
-    bound = inspect.signature(root.forward).bind(*args, **kwargs).arguments
-    params = inspect.signature(root.forward).parameters
-
-    def auto(value: Any) -> Any:
-        if isinstance(value, torch.Tensor):
-            return dict.fromkeys(range(value.dim()), Dim.AUTO)
+def _flat_output(gm: fx.GraphModule) -> pytree.TreeSpec | None:
+    """Plain code generation: the graph returns its flat outputs (or its only one)."""
+    out_spec = gm._out_spec
+    gm.graph._codegen = fx.graph.CodeGen()
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    leaves = output.args[0]
+    if out_spec.is_leaf() and isinstance(leaves, (tuple, list)) and len(leaves) == 1:
+        output.args = (leaves[0],)
         return None
+    return out_spec
 
-    shapes = {}
-    for name, value in bound.items():
-        if params[name].kind is inspect.Parameter.VAR_KEYWORD:
-            shapes[name] = {k: tree_map(auto, v) for k, v in value.items()}
-        else:
-            shapes[name] = tree_map(auto, value)
-    return shapes
+
+def _cast_constants(
+    gm: fx.GraphModule, module: nn.Module, follows: torch.dtype | None
+) -> None:
+    """Tensors the tracer computed and baked in (not the module's own) were made in
+    float64 when they follow the model: bring them to the model's dtype, as buffers,
+    so that ``.to()`` casts them on."""
+    own = {id(t) for t in (*module.parameters(), *module.buffers())}
+    for target in {str(n.target) for n in gm.graph.nodes if n.op == "get_attr"}:
+        owner_path, _, name = target.rpartition(".")
+        owner = gm.get_submodule(owner_path)
+        value = getattr(owner, name)
+        if not isinstance(value, Tensor) or id(value) in own or target == REF:
+            continue
+        if value.dtype is TRACED and follows is not None:
+            owner.register_buffer(name, value.to(follows), persistent=False)
 
 
 def _drop_guards(gm: fx.GraphModule) -> None:

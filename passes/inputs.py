@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from revcompile.errors import TraceError
 
@@ -91,3 +92,29 @@ def shapes(args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     """``(2, 3, 64, 64)`` style text of the tensor inputs, for messages."""
     values = [*args, *kwargs.values()]
     return ", ".join(str(tuple(v.shape)) for v in values if isinstance(v, torch.Tensor))
+
+
+def widen_batch(args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[Inputs, str]:
+    """An example batch of one, repeated to two; and a note saying so (or "").
+
+    torch.export specialises sizes of 1 (they broadcast), so a graph traced on a
+    batch of one would refuse every other batch size; and batch norm in training
+    cannot run on one value per channel. The batch is the first dimension when every
+    tensor input has one of size 1.
+    """
+    leaves = [
+        v for v in pytree.tree_leaves((args, kwargs)) if isinstance(v, torch.Tensor)
+    ]
+    if not leaves or any(t.dim() == 0 or t.shape[0] != 1 for t in leaves):
+        return (args, kwargs), ""
+
+    def repeat(v: Any) -> Any:
+        if isinstance(v, torch.Tensor):
+            return v.expand(_BATCH, *v.shape[1:]).clone()
+        return v
+
+    wide_args, wide_kwargs = pytree.tree_map(repeat, (args, kwargs))
+    return (tuple(wide_args), dict(wide_kwargs)), (
+        f"the example batch of 1 was repeated to {_BATCH} for tracing, so that other "
+        f"batch sizes work"
+    )

@@ -32,6 +32,8 @@ class ReasonKind(enum.Enum):
     """The block is inside the branch of a block that converts, and converts with it."""
     STAGE_TOO_SHORT = "stage too short"
     """The block's chain has fewer blocks than ``min_blocks``."""
+    REWRITE_FAILED = "rewrite failed"
+    """Deriving the stage raised; the detail names the exception."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,9 @@ class ResidualBlock:
     reason: Reason | None = None
     stage: int | None = None
     """Index of the stage that converts this block, when it converts."""
+    scope: str = ""
+    """Path of the submodule traced to find the block (Note [Keep the user's model]);
+    node names (`join`, `fork`, ...) are names in that submodule's graph."""
 
     @property
     def eligible(self) -> bool:
@@ -139,6 +144,8 @@ class Stage:
     """What the reversible stage stores: its output."""
     context_bytes: int
     """Bytes of the context, stored the same before and after, so left out of both."""
+    scope: str = ""
+    """Path of the submodule whose graph holds the stage, which the rewrite replaces."""
 
     @property
     def uneven(self) -> bool:
@@ -147,6 +154,20 @@ class Stage:
     @property
     def changes_function(self) -> bool:
         return bool(self.function_changes)
+
+
+@dataclass(frozen=True)
+class Scope:
+    """A submodule traced on its own because it encloses stages (or is the model)."""
+
+    path: str
+    """Its path in the model, "" for the model itself."""
+    module: str
+    """Its class name."""
+    tracer: str
+    """``"fx"`` or ``"export"``."""
+    stages: int
+    """How many stages its rewrite builds."""
 
 
 @dataclass(frozen=True)
@@ -167,6 +188,8 @@ class Plan:
     min_blocks: int
     notes: tuple[str, ...] = ()
     """What the tracer specialised or changed, in words."""
+    scopes: tuple[Scope, ...] = ()
+    """The submodules traced and rewritten on their own, in model order."""
 
     @property
     def bytes_saved(self) -> int:
@@ -216,6 +239,15 @@ class Plan:
             "fraction_saved": self.fraction_saved,
             "min_blocks": self.min_blocks,
             "notes": list(self.notes),
+            "scopes": [
+                {
+                    "path": c.path,
+                    "module": c.module,
+                    "tracer": c.tracer,
+                    "stages": c.stages,
+                }
+                for c in self.scopes
+            ],
             "summary": self.summary(),
         }
 
@@ -238,6 +270,7 @@ def _block_dict(b: ResidualBlock) -> dict[str, Any]:
         "eligible": b.eligible,
         "reason": _reason_dict(b.reason),
         "stage": b.stage,
+        "scope": b.scope,
         "shape": list(b.shape),
         "dtype": b.dtype,
         "channel_dim": b.channel_dim,
@@ -253,6 +286,7 @@ def _block_dict(b: ResidualBlock) -> dict[str, Any]:
 def _stage_dict(s: Stage) -> dict[str, Any]:
     return {
         "index": s.index,
+        "scope": s.scope,
         "blocks": len(s.blocks),
         "joins": list(s.blocks),
         "input": s.input,

@@ -74,24 +74,32 @@ def is_float_tensor(node: fx.Node) -> bool:
 
 
 def module_path(node: fx.Node) -> str:
-    """Dotted path of the module a node was traced in ("" for the model's forward)."""
-    if node.op == "call_module":
-        return str(node.target)
-    return node.meta.get(MODULE_PATH, "")
+    """Dotted path in the model of the module a node was traced in ("" for the
+    model's forward); for a module call, the called module's."""
+    if MODULE_PATH in node.meta:
+        return node.meta[MODULE_PATH]
+    return str(node.target) if node.op == "call_module" else ""
 
 
-def set_module_paths(gm: fx.GraphModule) -> None:
+def set_module_paths(gm: fx.GraphModule, prefix: str = "") -> None:
     """Store the innermost ``nn_module_stack`` path of each node under ``MODULE_PATH``.
 
     fx records paths like ``layer1.0.relu@1`` for a module's second call; export records
     ``L['self'].layer1[0]`` in some versions. Both are normalised to ``layer1.0.relu``.
+    A traced submodule's graph (the ``m`` of Note [Trace the call, not the signature])
+    gets paths in the whole model: `prefix`, the submodule's own path, in front.
     """
     for node in gm.graph.nodes:
         stack = node.meta.get("nn_module_stack") or {}
         path = ""
         if stack:
             path = str(list(stack.values())[-1][0])
-        node.meta[MODULE_PATH] = _normalise(path)
+        path = _normalise(path)
+        if path == "m" or path.startswith("m."):
+            path = path[2:]
+        if node.op == "call_module":  # the stack ends at the caller
+            path = str(node.target)
+        node.meta[MODULE_PATH] = ".".join(p for p in (prefix, path) if p)
 
 
 def _normalise(path: str) -> str:

@@ -40,28 +40,50 @@ class StageBuild:
     details: tuple[str, ...]
 
 
-def rewrite(
-    gm: fx.GraphModule, plan: Plan, inputs: list[Any]
-) -> tuple[fx.GraphModule, tuple[StageBuild, ...]]:
+@dataclass(frozen=True)
+class Rewritten:
+    """A rewrite's graph, what it built per stage, and the stages it could not build
+    (index -> why: those keep their blocks as they are)."""
+
+    gm: fx.GraphModule
+    builds: tuple[StageBuild, ...]
+    failed: dict[int, str]
+
+
+def rewrite(gm: fx.GraphModule, plan: Plan, inputs: list[Any]) -> Rewritten:
     """A new GraphModule in which every stage of `plan` is a `ReversibleStage`.
 
     `gm` is the traced graph the plan was made from and `inputs` the values of its
-    placeholders; neither is modified.
+    placeholders; neither is modified. A stage whose rewrite raises is left as it was
+    and reported in `Rewritten.failed`, so one odd block never stops a conversion.
     """
-    gm = copy.deepcopy(gm)
+    gm = _copy_structure(gm)
     nodes = {n.name: n for n in gm.graph.nodes}
     blocks = {b.join: b for b in plan.blocks}
-    wanted = set()
-    contexts = {s.index: _stage_context(gm, nodes, s, blocks) for s in plan.stages}
+    contexts: dict[int, list[str]] = {}
+    failed: dict[int, str] = {}
     for stage in plan.stages:
-        wanted.update(_stream_source(stage, i) for i in range(len(stage.blocks)))
-        wanted.update(contexts[stage.index])
+        try:
+            contexts[stage.index] = _stage_context(gm, nodes, stage, blocks)
+        except Exception as e:  # user code and odd graphs: any error, one stage
+            failed[stage.index] = _why(e)
+    wanted = set()
+    for stage in plan.stages:
+        if stage.index in contexts:
+            wanted.update(_stream_source(stage, i) for i in range(len(stage.blocks)))
+            wanted.update(contexts[stage.index])
     values = capture(gm, inputs, wanted)
     builds = []
     for stage in plan.stages:
-        module, build = _build_stage(
-            gm, nodes, stage, blocks, contexts[stage.index], values
-        )
+        if stage.index in failed:
+            continue
+        try:
+            module, build = _build_stage(
+                gm, nodes, stage, blocks, contexts[stage.index], values
+            )
+        except Exception as e:
+            failed[stage.index] = _why(e)
+            continue
         _splice(gm, nodes, stage, blocks, build.module_name, module, build.context)
         builds.append(build)
     _outplace_after_stages(gm, {b.module_name for b in builds})
@@ -69,11 +91,21 @@ def rewrite(
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     drop_unused_attributes(gm)
-    # Unpickling re-traces a GraphModule's code with the recorded tracer class; fx's
-    # own keeps a converted model loadable with torch alone.
-    gm._tracer_cls = None
     gm.recompile()
-    return gm, tuple(builds)
+    return Rewritten(gm, tuple(builds), failed)
+
+
+def _why(error: BaseException) -> str:
+    text = (str(error).splitlines() or [""])[0][:300]
+    return f"{type(error).__name__}: {text}"
+
+
+def _copy_structure(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of `gm` to edit: its own graph and modules, the same tensors. Parameters
+    and buffers stay the ones the traced module owns (and may share with layers
+    outside it: tied embeddings)."""
+    memo = {id(t): t for t in (*gm.parameters(), *gm.buffers())}
+    return copy.deepcopy(gm, memo)
 
 
 def _stream_source(stage: Stage, i: int) -> str:

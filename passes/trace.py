@@ -1,19 +1,22 @@
-"""Trace a model into a GraphModule with shapes and module paths in ``node.meta``.
+"""Trace a module's call into a GraphModule with shapes and module paths in meta.
 
 Symbolic tracing (``torch.fx``) first: it keeps leaf modules as ``call_module`` nodes,
 so dropout, drop-path and batch norm still follow ``train()``/``eval()``. Where it fails
-(every Hugging Face transformers model does), ``torch.export.export(strict=False)``:
-an ATen graph specialised to the example shapes and to the model's current mode, which
-the plan says in its notes. Either way the trace works on a deep copy, so the user's
-model is never touched, and shapes come from fake tensors, so nothing runs for real.
+(every Hugging Face transformers model does), ``torch.export.export(strict=False)``
+(passes/export.py). Either way a module is traced for the call it receives (Note
+[Trace the call, not the signature] in flat.py), the graph reads the module's own
+parameters and buffers, and shapes come from fake tensors, so nothing runs for real.
+Module paths in ``node.meta`` are the model's (``layer1.0.conv1``), whatever submodule
+is traced, so every message names the module as the user knows it.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import types
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,14 +24,18 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.shape_prop import ShapeProp
+from torch.utils import _pytree as pytree
 
 from revcompile.errors import TraceError
 from revcompile.passes import inputs as _inputs
 from revcompile.passes.export import export_graph
+from revcompile.passes.flat import PREFIX, flat_module, input_names, reroot
 from revcompile.passes.meta import set_module_paths, tensor_info, where
 from revcompile.passes.modes import attention_dropout_modules
 from revcompile.passes.ops import bound_argument, is_drop_path, name
 from revcompile.passes.options import LeafSpec
+from revcompile.runtime.calls import CallPattern, tensor_leaves
+from revcompile.runtime.scope import bind_call
 
 # Functional dropouts whose `training=self.training` argument tracing would freeze.
 _DROPOUT_MODULES: dict[Any, type[nn.Module]] = {
@@ -42,27 +49,42 @@ _DROPOUT_MODULES: dict[Any, type[nn.Module]] = {
 
 
 @dataclass(frozen=True)
+class Leaves:
+    """Modules symbolic tracing keeps whole: classes, and paths in the whole model."""
+
+    types: tuple[type, ...] = ()
+    paths: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
 class Traced:
     gm: fx.GraphModule
     tracer: str  # "fx" or "export"
     training: bool
     inputs: tuple[tuple[str, tuple[int, ...]], ...]
     notes: tuple[str, ...]
-    values: list[Any]  # the graph's placeholder values for the example inputs
+    values: list[Any]  # the graph's placeholder values: the call's tensors
+    pattern: CallPattern  # the call the graph replays
+    out_spec: pytree.TreeSpec | None = None  # how to rebuild export's flat outputs
+    path: str = ""  # the traced module's path in the model
+    dtype: torch.dtype | None = field(default=None)
+    """Export graphs: the model dtype their casts follow (passes/dtypes.py)."""
 
 
 class LeafTracer(fx.Tracer):
     """fx's tracer plus ``leaf_modules=``; drop-path modules stay whole so that their
     train/eval switch survives tracing instead of being decided at trace time."""
 
-    def __init__(
-        self, leaf_types: tuple[type, ...], leaf_paths: frozenset[str]
-    ) -> None:
+    def __init__(self, leaves: Leaves, path: str) -> None:
         super().__init__()
-        self.leaf_types, self.leaf_paths = leaf_types, leaf_paths
+        self.leaves, self.path = leaves, path
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if module_qualified_name in self.leaf_paths or isinstance(m, self.leaf_types):
+        if module_qualified_name == PREFIX.rstrip("."):
+            return False  # the traced module itself
+        inner = module_qualified_name.removeprefix(PREFIX)
+        full = ".".join(p for p in (self.path, inner) if p)
+        if full in self.leaves.paths or isinstance(m, self.leaves.types):
             return True
         return is_drop_path(m) or super().is_leaf_module(m, module_qualified_name)
 
@@ -75,30 +97,69 @@ def trace(
     tracer: str = "auto",
     copy_model: bool = True,
 ) -> Traced:
-    """Trace a deep copy of ``model``; a TraceError names the module that failed.
-
-    ``copy_model=False`` lets symbolic tracing share the model's modules, for callers
-    that own a throwaway model (the CLI); torch.export always gets a copy.
-    """
+    """Trace a whole model (a deep copy, unless ``copy_model=False``) on its inputs."""
     args, kwargs = _inputs.normalise(example_inputs, model)
-    leaf_types, leaf_paths = _leaf_spec(model, leaf_modules)
+    root = _copy(model) if copy_model else model
+    notes = disable_caches(root)
+    try:
+        arguments = bind_call(root, args, kwargs)
+    except TypeError as e:
+        raise TraceError(
+            f"example inputs do not match {type(model).__name__}.forward: {e}"
+        ) from e
+    leaves = leaf_spec(model, leaf_modules)
+    traced = trace_call(root, arguments, leaves=leaves, tracer=tracer)
+    return dataclasses.replace(traced, notes=(*notes, *traced.notes))
+
+
+def disable_caches(model: nn.Module) -> list[str]:
+    """``use_cache=False`` in the configs of a model that is about to be traced.
+
+    A key/value cache is inference state (transformers returns it as an object no
+    trace can flatten); training, and reversible stages, never use it. The converted
+    model keeps the setting, and so decodes without a cache (``generate`` recomputes
+    the prefix at each step).
+    """
+    changed = False
+    for m in model.modules():
+        for config in (
+            getattr(m, "config", None),
+            getattr(m, "generation_config", None),
+        ):
+            if getattr(config, "use_cache", False):
+                config.use_cache = False  # type: ignore[union-attr]
+                changed = True
+    return ["use_cache=False (caches are for inference)"] if changed else []
+
+
+def trace_call(
+    module: nn.Module,
+    arguments: dict[str, Any],
+    *,
+    leaves: Leaves = Leaves(),
+    tracer: str = "auto",
+    path: str = "",
+) -> Traced:
+    """Trace ``module`` (at ``path`` in the model) for one call, given as its bound
+    arguments. The graph reads `module`'s members and never modifies them; a
+    TraceError names the module that failed and suggests the fix."""
     why_not_fx = ""
     if tracer in ("auto", "fx"):
-        root = _copy(model) if copy_model else model
         try:
-            return _symbolic(root, args, kwargs, leaf_types, leaf_paths)
+            return _symbolic(module, arguments, leaves, path)
         except TraceError:
             raise
         except Exception as e:  # user code under tracing can raise anything
-            why_not_fx = _failure("symbolic tracing", e, root)
+            why_not_fx = _failure("symbolic tracing", e, module, path)
             if tracer == "fx":
-                raise TraceError(_advice(model, why_not_fx, args, kwargs)) from e
-    root = _copy(model)  # a fresh copy: a failed trace may have run half a forward
+                raise TraceError(_advice(module, why_not_fx, arguments)) from e
     try:
-        return _exported(root, args, kwargs, why_not_fx)
+        return _exported(module, arguments, path, why_not_fx)
     except Exception as e:
-        why = "; ".join(w for w in (why_not_fx, _failure("torch.export", e, root)) if w)
-        raise TraceError(_advice(model, why, args, kwargs)) from e
+        why = "; ".join(
+            w for w in (why_not_fx, _failure("torch.export", e, module, path)) if w
+        )
+        raise TraceError(_advice(module, why, arguments)) from e
 
 
 def _copy(model: nn.Module) -> nn.Module:
@@ -113,27 +174,27 @@ def _copy(model: nn.Module) -> nn.Module:
 
 
 def _symbolic(
-    root: nn.Module,
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    leaf_types: tuple[type, ...],
-    leaf_paths: frozenset[str],
+    module: nn.Module, arguments: dict[str, Any], leaves: Leaves, path: str
 ) -> Traced:
-    tracer = LeafTracer(leaf_types, leaf_paths)
-    graph = tracer.trace(root)
-    gm = fx.GraphModule(tracer.root, graph, type(root).__name__)
-    set_module_paths(gm)
-    notes = _follow_mode(gm, root.training) + attention_dropout_modules(gm)
-    values = _bind(gm, args, kwargs)
-    _propagate_shapes(gm, values)
-    return Traced(gm, "fx", root.training, _input_shapes(gm), tuple(notes), values)
+    flat = flat_module(module, arguments)
+    tracer = LeafTracer(leaves, path)
+    graph = tracer.trace(flat)
+    gm = reroot(fx.GraphModule(tracer.root, graph), module)
+    set_module_paths(gm, path)
+    notes = _follow_mode(gm, module.training) + attention_dropout_modules(gm)
+    values = flat.pattern.tensors(arguments)
+    propagate_shapes(gm, values)
+    inputs = _input_shapes(gm)
+    return Traced(
+        gm, "fx", module.training, inputs, tuple(notes), values, flat.pattern, path=path
+    )
 
 
-def _propagate_shapes(gm: fx.GraphModule, values: list) -> None:
+def propagate_shapes(gm: fx.GraphModule, values: list) -> None:
     """Shapes into ``node.meta["tensor_meta"]``.
 
     Note [Fake shapes]
-    Fake tensors give every shape without running a kernel and leave the copy's
+    Fake tensors give every shape without running a kernel and leave the module's
     buffers (batch-norm statistics) as they were. A leaf module with data-dependent
     control flow (``if x.sum() > 0``) cannot run on fake tensors; then the graph runs
     once for real on the example inputs, without autograd, and the buffers it
@@ -165,21 +226,27 @@ def _propagate_for_real(gm: fx.GraphModule, values: list) -> None:
 
 
 def _exported(
-    root: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], why_not_fx: str
+    module: nn.Module, arguments: dict[str, Any], path: str, why_not_fx: str
 ) -> Traced:
     notes = [f"traced with torch.export because {why_not_fx}"] if why_not_fx else []
-    config = getattr(root, "config", None)
-    if getattr(config, "use_cache", False):
-        # A key/value cache is inference state, returned as an object export cannot
-        # flatten; training (and reversible stages) never use it.
-        config.use_cache = False  # type: ignore[union-attr]
-        notes.append("use_cache=False on the traced copy (caches are for inference)")
-    gm, export_notes = export_graph(root, args, kwargs)
-    notes.extend(export_notes)
-    set_module_paths(gm)
-    values = _bind(gm, args, kwargs)
-    _propagate_shapes(gm, values)
-    return Traced(gm, "export", root.training, _input_shapes(gm), tuple(notes), values)
+    exported = export_graph(module, arguments)
+    gm = exported.gm
+    notes.extend(exported.notes)
+    set_module_paths(gm, path)
+    values = exported.pattern.tensors(arguments)
+    propagate_shapes(gm, values)
+    return Traced(
+        gm,
+        "export",
+        module.training,
+        _input_shapes(gm),
+        tuple(notes),
+        values,
+        exported.pattern,
+        exported.out_spec,
+        path,
+        exported.dtype,
+    )
 
 
 def _follow_mode(gm: fx.GraphModule, training: bool) -> list[str]:
@@ -190,7 +257,7 @@ def _follow_mode(gm: fx.GraphModule, training: bool) -> list[str]:
     ``training`` flag (``F.batch_norm``), and flags that differ from the model's mode
     (written as constants), stay as they are, and the notes say so.
     """
-    notes = []
+    fixed: dict[str, list[str]] = {}  # "batch_norm ... training=True" -> where
     for node in list(gm.graph.nodes):
         if node.op != "call_function":
             continue
@@ -200,8 +267,8 @@ def _follow_mode(gm: fx.GraphModule, training: bool) -> list[str]:
         cls = _DROPOUT_MODULES.get(node.target)
         data = bound_argument(node, "input")
         if cls is None or flag != training or not isinstance(data, fx.Node):
-            notes.append(
-                f"{name(node)} at {where(node)} has training={flag} fixed by tracing"
+            fixed.setdefault(f"{name(node)} has training={flag}", []).append(
+                where(node)
             )
             continue
         p = bound_argument(node, "p")
@@ -214,29 +281,16 @@ def _follow_mode(gm: fx.GraphModule, training: bool) -> list[str]:
         node.replace_all_uses_with(swapped)
         gm.graph.erase_node(node)
     gm.recompile()
-    return notes
+    return [_summary(what, places) for what, places in fixed.items()]
 
 
-def _bind(gm: fx.GraphModule, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list:
-    """Positional values for the traced graph's placeholders."""
-    rest, values, missing = list(args), [], []
-    unknown = dict(kwargs)
-    for node in gm.graph.find_nodes(op="placeholder"):
-        key = str(node.target).lstrip("*")
-        if key in unknown:
-            values.append(unknown.pop(key))
-        elif rest:
-            values.append(rest.pop(0))
-        elif node.args:  # the argument's default value
-            values.append(node.args[0])
-        else:
-            missing.append(key)
-    if missing or unknown or rest:
-        raise TypeError(
-            f"example inputs do not match forward(): missing {missing}, "
-            f"unknown {list(unknown)}, {len(rest)} extra positional"
-        )
-    return values
+def _summary(what: str, places: list[str]) -> str:
+    """``batch_norm has training=True fixed by tracing at features.0.1``, or, for
+    many, ``12 x ... at features.0.1, features.1.1, ...``: one line per kind."""
+    if len(places) == 1:
+        return f"{what} fixed by tracing at {places[0]}"
+    shown = ", ".join(places[:3]) + (", ..." if len(places) > 3 else "")
+    return f"{len(places)} x {what} fixed by tracing, at {shown}"
 
 
 def _input_shapes(gm: fx.GraphModule) -> tuple[tuple[str, tuple[int, ...]], ...]:
@@ -248,9 +302,8 @@ def _input_shapes(gm: fx.GraphModule) -> tuple[tuple[str, tuple[int, ...]], ...]
     return tuple(found)
 
 
-def _leaf_spec(
-    model: nn.Module, leaf_modules: Iterable[LeafSpec]
-) -> tuple[tuple[type, ...], frozenset[str]]:
+def leaf_spec(model: nn.Module, leaf_modules: Iterable[LeafSpec]) -> Leaves:
+    """`Leaves` from ``leaf_modules=``: classes, dotted paths, submodules of `model`."""
     paths_of = {id(m): p for p, m in model.named_modules()}
     leaf_types, leaf_paths = [], set()
     for leaf in leaf_modules:
@@ -266,12 +319,12 @@ def _leaf_spec(
                 f"path or a submodule of {type(model).__name__}; e.g. "
                 f"leaf_modules=[MyAttention] or leaf_modules=['blocks.0.attn']"
             )
-    return tuple(leaf_types), frozenset(leaf_paths)
+    return Leaves(tuple(leaf_types), frozenset(leaf_paths))
 
 
-def _failure(what: str, error: BaseException, root: nn.Module) -> str:
+def _failure(what: str, error: BaseException, root: nn.Module, path: str) -> str:
     """``symbolic tracing failed in h.0.attn (GPT2Attention): TypeError: ...``: the
-    innermost module of the copy whose code was running when the error was raised."""
+    innermost module whose code was running when the error was raised."""
     paths = {id(m): p for p, m in root.named_modules()}
     inside = None
     tb: types.TracebackType | None = error.__traceback__
@@ -283,24 +336,28 @@ def _failure(what: str, error: BaseException, root: nn.Module) -> str:
     text = f"{type(error).__name__}: {error}".strip().splitlines()[0][:300]
     if inside is None:
         return f"{what} failed: {text}"
-    path, cls = inside
-    return f"{what} failed in {path or '(top level)'} ({cls}): {text}"
+    inner, cls = inside
+    full = ".".join(p for p in (path, inner) if p)
+    return f"{what} failed in {full or '(top level)'} ({cls}): {text}"
 
 
-def _advice(model: nn.Module, why: str, args: tuple, kwargs: dict) -> str:
+def _advice(module: nn.Module, why: str, arguments: dict[str, Any]) -> str:
     # Training-only code that branches on data (Wav2Vec2's SpecAugment masks, LayerDrop)
     # traces in neither form; eval mode usually skips it.
     training = (
         "; or, if the model traces in eval mode, switch off its data-dependent "
         "training-only behaviour (masking, layer drop) in its config before "
         "converting, as no trace can keep it"
-        if model.training
+        if module.training
         else ""
     )
+    shapes = ", ".join(
+        f"{n}={tuple(v.shape)}"
+        for n, v in zip(input_names(arguments), tensor_leaves(arguments), strict=True)
+    )
     return (
-        f"cannot trace {type(model).__name__} with inputs "
-        f"{_inputs.shapes(args, kwargs) or '(none)'}: {why}. Fix: keep the failing "
-        f"module whole with leaf_modules=[ThatModule] (or its dotted path), or pass "
-        f"example_inputs= that the model accepts (a tuple, or a dict of keyword "
-        f"tensors){training}"
+        f"cannot trace {type(module).__name__} with inputs {shapes or '(none)'}: "
+        f"{why}. Fix: keep the failing module whole with leaf_modules=[ThatModule] "
+        f"(or its dotted path), or pass example_inputs= that the model accepts (a "
+        f"tuple, or a dict of keyword tensors){training}"
     )

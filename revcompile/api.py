@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
-from torch import fx, nn
+from torch import nn
 
-from revcompile.errors import ConversionError
+from revcompile.errors import ConversionError, InternalError, RevCompileError
+from revcompile.passes.fills import find_fills
+from revcompile.passes.generation import generate_traces
+from revcompile.passes.install import install
 from revcompile.passes.ir import Plan
 from revcompile.passes.options import LeafSpec, Options
-from revcompile.passes.pipeline import plan_model, trace_and_plan
-from revcompile.passes.rewrite import rewrite
+from revcompile.passes.pipeline import analyze_model, drop_stages
+from revcompile.passes.rewrite import StageBuild, rewrite
+from revcompile.passes.scopes import ScopeTrace
+from revcompile.passes.trace import Traced
+from revcompile.passes.variants import add_variant
 
 
 def analyze(
@@ -57,8 +65,8 @@ def analyze(
     options = Options.make(
         min_blocks=min_blocks, leaf_modules=leaf_modules, tracer=tracer
     )
-    _, plan = plan_model(model, example_inputs, options)
-    return plan
+    with _unexpected("analyze", model):
+        return analyze_model(model, example_inputs, options).plan
 
 
 COUPLINGS = ("additive",)
@@ -72,14 +80,19 @@ def convert(
     min_blocks: int = 1,
     leaf_modules: Iterable[LeafSpec] = (),
     strict: bool = False,
-) -> fx.GraphModule:
+) -> nn.Module:
     """A copy of `model` in which every planned stage is one `ReversibleStage`.
 
-    Everything else is the original computation and stores its activations as before
-    (stems, downsampling blocks, heads). Each stage's F and G are derived from its
-    blocks' branches and initialised from their weights (see Note [Slice, don't pad]
-    in passes/restrict.py), so a pretrained model is a warm start for fine-tuning; the
-    coupling is a different function from the residual block, so fine-tune before use.
+    The copy is the user's model, of the same class, with its attributes and methods
+    (``converted.fc``, ``converted.config``, ``converted.generate``): only the
+    smallest submodules that enclose stages are traced and rewritten, and each of
+    those keeps its class too (Note [Keep the user's model] in
+    revcompile/runtime/scope.py). Everything else is the original computation and
+    stores its activations as before (stems, downsampling blocks, heads). Each
+    stage's F and G are derived from its blocks' branches and initialised from their
+    weights (see Note [Slice, don't pad] in passes/restrict.py), so a pretrained
+    model is a warm start for fine-tuning; the coupling is a different function from
+    the residual block, so fine-tune before use.
 
     `model` is never modified. The plan is attached as ``converted.revcompile_plan``
     and what the rewrite did per stage as ``converted.revcompile_builds``.
@@ -94,11 +107,13 @@ def convert(
         strict: raise `ConversionError` when nothing converts (otherwise warn).
 
     Returns:
-        A ``torch.fx.GraphModule``: an ordinary module for optimizers, ``state_dict``,
+        The converted copy: an ordinary module for optimizers, ``state_dict``,
         ``torch.save``, ``.to()``, ``train()``/``eval()`` and DDP.
 
     Example:
         >>> converted = revcompile.convert(torchvision.models.resnet18())
+        >>> type(converted).__name__
+        'ResNet'
         >>> [len(s.couplings) for s in converted.modules()
         ...  if isinstance(s, revcompile.ReversibleStage)]
         [2, 1, 1, 1]
@@ -108,7 +123,34 @@ def convert(
             f"coupling={coupling!r} is not supported; choose one of {COUPLINGS}."
         )
     options = Options.make(min_blocks=min_blocks, leaf_modules=leaf_modules)
-    traced, plan = trace_and_plan(model, example_inputs, options)
+    with _unexpected("convert", model):
+        return _convert(model, example_inputs, options, strict)
+
+
+def _convert(
+    model: nn.Module, example_inputs: Any, options: Options, strict: bool
+) -> nn.Module:
+    analysis = analyze_model(model, example_inputs, options)
+    plan = analysis.plan
+    second = generate_traces(analysis, options, model)
+    builds: list[StageBuild] = []
+    failed: dict[int, str] = {}
+    notes = list(second.notes)
+    offset = 0
+    for scope in analysis.search.scopes:
+        traced = scope.traced
+        done = rewrite(traced.gm, scope.plan, traced.values)
+        if done.builds:  # else the submodule stays eager, as the user wrote it
+            arguments = traced.pattern.rebuild(tuple(traced.values))
+            fills = find_fills(scope.module, arguments)
+            install(scope.module, traced, done.gm, fills)
+            if scope.path in second.traces:
+                notes.append(_generation(scope, *second.traces[scope.path]))
+        builds.extend(_in_model(b, scope.path, offset) for b in done.builds)
+        failed.update({offset + i: why for i, why in done.failed.items()})
+        offset += len(scope.plan.stages)
+    plan, index = drop_stages(plan, failed)
+    plan = dataclasses.replace(plan, notes=(*plan.notes, *notes))
     if not plan.stages:
         message = (
             f"{type(model).__name__}: nothing converts ({plan.summary()}). "
@@ -117,9 +159,46 @@ def convert(
         )
         if strict:
             raise ConversionError(message)
-        warnings.warn(message, stacklevel=2)
-    converted, builds = rewrite(traced.gm, plan, traced.values)
+        warnings.warn(message, stacklevel=3)
+    converted = analysis.model
     converted.train(model.training)
     converted.revcompile_plan = plan
-    converted.revcompile_builds = builds
+    converted.revcompile_builds = tuple(
+        dataclasses.replace(b, stage=index[b.stage]) for b in builds
+    )
     return converted
+
+
+def _generation(scope: ScopeTrace, traced: Traced, plan: Plan) -> str:
+    """Rewrite generate's trace of a scope and add it (Note [Graphs that share one
+    stage]); the note says how that went."""
+    name = scope.path or type(scope.module).__name__
+    done = rewrite(traced.gm, plan, traced.values)
+    why = add_variant(scope.module, traced, done.gm) if done.builds else "no stage"
+    if why:
+        return f"{name}: generate() will not run on the converted model: {why}"
+    return f"{name}: generate()'s call replays a graph of its own, with the same stages"
+
+
+@contextmanager
+def _unexpected(what: str, model: nn.Module) -> Iterator[None]:
+    """Only RevCompileErrors leave the public entry points: a failure the passes did
+    not foresee becomes an InternalError that says what to do."""
+    try:
+        yield
+    except RevCompileError:
+        raise
+    except Exception as e:
+        raise InternalError(
+            f"revcompile.{what} failed on {type(model).__name__} with an unexpected "
+            f"{type(e).__name__}: {e}. This is a bug in revcompile: please report it "
+            f"with the model. Your model is unchanged; `revcompile report` shows "
+            f"which blocks convert, and leaf_modules=[...] keeps a troublesome "
+            f"module out of the trace."
+        ) from e
+
+
+def _in_model(build: StageBuild, path: str, offset: int) -> StageBuild:
+    """A scope's build with the stage's index and module name in the whole model."""
+    name = f"{path}.{build.module_name}" if path else build.module_name
+    return dataclasses.replace(build, stage=offset + build.stage, module_name=name)

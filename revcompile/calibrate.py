@@ -36,14 +36,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, fx, nn
+from torch import Tensor, nn
 
 from revcompile.errors import ConversionError
+from revcompile.passes.calls import record_calls
 from revcompile.passes.capture import capture
 from revcompile.passes.inputs import normalise
+from revcompile.passes.ir import Plan
 from revcompile.passes.options import LeafSpec, Options
-from revcompile.passes.pipeline import trace_and_plan
-from revcompile.passes.trace import _bind
+from revcompile.passes.pipeline import analyze_model
 from revcompile.runtime.mode import storing_activations
 
 _BatchNorm = nn.modules.batchnorm._BatchNorm
@@ -84,7 +85,7 @@ class Calibration:
 
 
 def calibrate(
-    converted: fx.GraphModule,
+    converted: nn.Module,
     original: nn.Module,
     batches: Iterable[Any],
     *,
@@ -144,7 +145,11 @@ def calibrate(
         for stage, build in zip(plan.stages, builds, strict=True):
             module = converted.get_submodule(build.module_name)
             data = [
-                (r[stage.input], [r[c] for c in build.context], r[stage.output])
+                (
+                    r[stage.scope][stage.input],
+                    [r[stage.scope][c] for c in build.context],
+                    r[stage.scope][stage.output],
+                )
                 for r in records
             ]
             fits.append(_fit(module, build.module_name, data, steps, lr))
@@ -159,39 +164,49 @@ Sample = tuple[Tensor, list[Any], Tensor]  # stage input, context, expected outp
 
 
 def _record(
-    converted: fx.GraphModule,
+    converted: nn.Module,
     original: nn.Module,
     batches: list[Any],
     leaf_modules: Iterable[LeafSpec],
-) -> list[dict[str, Any]]:
-    """Each batch's stage inputs, contexts and outputs, from the original in eval mode.
+) -> list[dict[str, dict[str, Any]]]:
+    """Each batch's stage inputs, contexts and outputs, per scope, from the original
+    in eval mode.
 
-    The original is traced again (a copy, as convert did), which gives the graph whose
-    node names the plan records; the stages must match the converted ones.
+    The original is analysed again (a copy, as convert did), which gives the graphs
+    whose node names the plan records; the stages must match the converted ones.
     """
     plan = converted.revcompile_plan
-    options = Options.make(
-        min_blocks=plan.min_blocks, leaf_modules=leaf_modules, tracer=plan.tracer
-    )
-    traced, again = trace_and_plan(original, batches[0], options)
-    spans = [(s.input, s.output, s.blocks) for s in plan.stages]
-    if [(s.input, s.output, s.blocks) for s in again.stages] != spans:
+    options = Options.make(min_blocks=plan.min_blocks, leaf_modules=leaf_modules)
+    again = analyze_model(original, batches[0], options)
+
+    def spans(p: Plan) -> list[tuple]:
+        return [(s.scope, s.input, s.output, s.blocks) for s in p.stages]
+
+    if spans(again.plan) != spans(plan):
         raise ConversionError(
-            f"{type(original).__name__} does not trace into the graph that was "
+            f"{type(original).__name__} does not trace into the graphs that were "
             "converted (its stages differ); pass the original model, with the "
             "leaf_modules given to convert()."
         )
-    gm = traced.gm
-    # The class's method: torch.export's module() replaces train()/eval() with ones
-    # that raise, on the instance only.
-    nn.Module.train(gm, False)
-    wanted = set()
+    wanted: dict[str, set[str]] = {}
     for stage, build in zip(plan.stages, converted.revcompile_builds, strict=True):
-        wanted.update((stage.input, stage.output, *build.context))
+        wanted.setdefault(stage.scope, set()).update(
+            (stage.input, stage.output, *build.context)
+        )
+    # The class's method: torch.export's graphs replace train()/eval() with ones
+    # that raise, on the instance only.
+    nn.Module.train(again.model, False)
     records = []
     for batch in batches:
         args, kwargs = normalise(batch, original)
-        records.append(capture(gm, _bind(gm, args, kwargs), wanted))
+        calls = record_calls(again.model, args, kwargs)
+        record = {}
+        for scope in again.search.scopes:
+            gm = scope.traced.gm
+            nn.Module.train(gm, False)
+            values = scope.traced.pattern.tensors(calls[scope.path].arguments)
+            record[scope.path] = capture(gm, values, wanted.get(scope.path, ()))
+        records.append(record)
     return records
 
 

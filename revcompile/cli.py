@@ -65,17 +65,17 @@ def _report(spec: str, input_shape: str | None, as_json: bool, min_blocks: int) 
     # Imported here so that `revcompile --help` and bad specs answer at once.
     from revcompile.errors import RevCompileError
     from revcompile.passes.options import Options
-    from revcompile.passes.pipeline import plan_model
+    from revcompile.passes.pipeline import analyze_model
     from revcompile.report import render
 
     try:
         # What revcompile.analyze does, minus the deep copy: the model is ours.
         options = Options.make(min_blocks=min_blocks)
         if as_json:
-            _, plan = plan_model(model, inputs, options, copy_model=False)
+            plan = analyze_model(model, inputs, options, copy_model=False).plan
         else:
             with err.status(f"tracing {spec} ..."):
-                _, plan = plan_model(model, inputs, options, copy_model=False)
+                plan = analyze_model(model, inputs, options, copy_model=False).plan
     except RevCompileError as e:
         err.print(f"revcompile: error: {e}", markup=False, highlight=False)
         return 1

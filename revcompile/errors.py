@@ -21,3 +21,11 @@ class DoubleBackwardError(RevCompileError, RuntimeError):
 
 class ReconstructionError(RevCompileError, ArithmeticError):
     """A stage's inverse did not reproduce its input within tolerance."""
+
+
+class CallPatternError(RevCompileError, TypeError):
+    """A converted submodule was called unlike the call it was traced on."""
+
+
+class InternalError(RevCompileError, RuntimeError):
+    """Something revcompile did not expect went wrong; the message says what to do."""

@@ -20,6 +20,8 @@ def render(plan: Plan) -> RenderableType:
         parts.append(reasons_table(kept))
     if plan.stages:
         parts.append(stages_table(plan))
+    if plan.scopes:
+        parts.append(scopes_table(plan))
     parts.append(Text(plan.summary(), style="bold"))
     parts.extend(Text(f"note: {n}", style="dim") for n in plan.notes)
     return Group(*parts)
@@ -34,7 +36,7 @@ def blocks_table(plan: Plan) -> Table:
     table.add_column("stage", justify="right")
     table.add_column("verdict")
     table.add_column("no longer stored", justify="right")
-    last = {s.output for s in plan.stages}
+    last = {(s.scope, s.output) for s in plan.stages}
     for b in plan.blocks:
         verdict = (
             Text("converts", style="green")
@@ -47,7 +49,7 @@ def blocks_table(plan: Plan) -> Table:
             str(b.channels),
             "-" if b.stage is None else str(b.stage),
             verdict,
-            format_bytes(_freed(b, b.join in last)) if b.eligible else "-",
+            format_bytes(_freed(b, (b.scope, b.join) in last)) if b.eligible else "-",
         )
     return table
 
@@ -73,9 +75,9 @@ def stages_table(plan: Plan) -> Table:
     table.add_column("context")
     table.add_column("glue")
     table.add_column("stored", justify="right")
-    paths = {b.join: b.module_path or "(top level)" for b in plan.blocks}
+    paths = {(b.scope, b.join): b.module_path or "(top level)" for b in plan.blocks}
     for s in plan.stages:
-        first, last = paths[s.blocks[0]], paths[s.blocks[-1]]
+        first, last = paths[s.scope, s.blocks[0]], paths[s.scope, s.blocks[-1]]
         table.add_row(
             str(s.index),
             str(len(s.blocks)),
@@ -85,6 +87,18 @@ def stages_table(plan: Plan) -> Table:
             _function(s),
             f"{format_bytes(s.bytes_before)} -> {format_bytes(s.bytes_after)}",
         )
+    return table
+
+
+def scopes_table(plan: Plan) -> Table:
+    """The submodules that are traced and rewritten; the rest stays eager code."""
+    table = Table(title="Rewritten submodules", title_justify="left")
+    table.add_column("module")
+    table.add_column("class")
+    table.add_column("tracer")
+    table.add_column("stages", justify="right")
+    for c in plan.scopes:
+        table.add_row(c.path or "(the model)", c.module, c.tracer, str(c.stages))
     return table
 
 

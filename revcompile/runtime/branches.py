@@ -75,3 +75,10 @@ def full_size(x: Tensor, axis: int, channels: int, *dim: int) -> Any:
     shape = list(x.shape)
     shape[axis] = channels
     return torch.Size(shape) if not dim else shape[dim[0]]
+
+
+@fx.wrap
+def finfo_limit(dtype: torch.dtype, which: str) -> float:
+    """``torch.finfo(dtype).min`` or ``.max``: a mask value that follows the model's
+    dtype (Note [Dtypes that follow the model] in passes/dtypes.py)."""
+    return float(getattr(torch.finfo(dtype), which))

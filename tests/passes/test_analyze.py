@@ -464,18 +464,15 @@ class DropPathBlock(nn.Module):
 
 
 def test_stochastic_ops_are_recorded_and_follow_the_mode() -> None:
-    from revcompile.passes.options import Options
-    from revcompile.passes.pipeline import plan_model
-
     model = DropPathBlock().train()
-    gm, plan = plan_model(model, image(), Options())
+    plan = revcompile.analyze(model, image())
     (block,) = plan.blocks
     assert block.eligible and len(block.stochastic) == 2
     assert plan.training
     # Neither dropout kept training=True from the trace: eval() switches both off.
-    gm.eval()
+    converted = revcompile.convert(model, image()).eval()
     x = torch.randn(2, 8, 8, 8)
-    assert torch.equal(gm(x), gm(x))
+    assert torch.equal(converted(x), converted(x))
 
 
 class InlineDropPath(nn.Module):

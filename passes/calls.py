@@ -1,0 +1,122 @@
+"""How each submodule is called on the example: the inputs a submodule is traced on.
+
+`convert` traces as little as possible (Note [Keep the user's model] in
+revcompile/runtime/scope.py): the submodule that encloses a stage is traced on its
+own, on the inputs it really receives. One eager run of the model with a forward
+pre-hook on every submodule records them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils import _pytree as pytree
+
+from revcompile.runtime.calls import CallPattern
+from revcompile.runtime.scope import bind_call
+
+
+@dataclass(frozen=True)
+class ModuleCall:
+    """The first call of a submodule, and whether its other calls were alike."""
+
+    arguments: dict[str, Any]  # bound to the class's forward, defaults filled in
+    count: int
+    uniform: bool  # every call had the same pattern (Note [One call pattern per graph])
+
+
+def record_calls(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[str, ModuleCall]:
+    """``{module path: ModuleCall}`` for one run of ``model(*args, **kwargs)``.
+
+    The run is under no_grad; the RNG and every buffer (batch-norm statistics) are
+    put back afterwards, so the model is as it was. A module whose call cannot be
+    bound to its ``forward`` signature is left out (it cannot be traced on its own).
+    """
+    return _recorded(model, lambda: model(*args, **kwargs), (args, kwargs))
+
+
+def record_generation_calls(
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> dict[str, ModuleCall]:
+    """The calls a language model's ``generate`` makes (greedy, one new token), in
+    eval mode: they differ from a training call (``position_ids`` given,
+    ``use_cache=False``), so a converted model traces them too. Empty for models
+    without transformers' ``generate``."""
+    if not callable(getattr(model, "prepare_inputs_for_generation", None)):
+        return {}
+    tokens = {k: v for k, v in kwargs.items() if k in _PROMPT}
+    if args and isinstance(args[0], torch.Tensor) and not tokens:
+        tokens = {"input_ids": args[0]}
+    if "input_ids" not in tokens:
+        return {}
+    # A mask with padding: generate drops one of all ones, and the converted model
+    # fills that in again (passes/fills.py); left padding, as decoders are used.
+    mask = tokens.get("attention_mask")
+    mask = torch.ones_like(tokens["input_ids"]) if mask is None else mask.clone()
+    mask[0, 0] = 0
+    tokens["attention_mask"] = mask
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        return _recorded(
+            model,
+            lambda: model.generate(**tokens, max_new_tokens=1, do_sample=False),
+            tokens,
+        )
+    except Exception:  # a model generate does not suit: train() calls still convert
+        return {}
+    finally:
+        for m, training in modes.items():
+            m.train(training)
+
+
+_PROMPT = ("input_ids", "attention_mask")
+
+
+def _recorded(model: nn.Module, run: Any, inputs: Any) -> dict[str, ModuleCall]:
+    paths = {id(m): p for p, m in model.named_modules()}
+    first: dict[str, dict[str, Any]] = {}
+    patterns: dict[str, set[bool]] = {}
+    counts: dict[str, int] = {}
+
+    def hook(module: nn.Module, a: tuple, kw: dict) -> None:
+        path = paths[id(module)]
+        counts[path] = counts.get(path, 0) + 1
+        try:
+            arguments = bind_call(module, a, kw)
+        except (TypeError, ValueError):  # no Python signature to bind to
+            return
+        if path not in first:
+            first[path] = arguments
+        else:
+            same = CallPattern.of(first[path]).mismatch(arguments) is None
+            patterns.setdefault(path, set()).add(same)
+
+    handles = [
+        m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules()
+    ]
+    buffers = {k: b.clone() for k, b in model.named_buffers()}
+    leaves = pytree.tree_leaves(inputs)
+    devices = sorted({t.get_device() for t in leaves if _is_cuda(t)})
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for k, b in model.named_buffers():
+                b.copy_(buffers[k])
+    return {
+        path: ModuleCall(a, counts[path], all(patterns.get(path, {True})))
+        for path, a in first.items()
+    }
+
+
+def _is_cuda(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.is_cuda

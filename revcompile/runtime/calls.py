@@ -1,0 +1,133 @@
+"""The call a traced submodule was traced for, and matching later calls against it.
+
+Note [One call pattern per graph]
+A traced graph replays one way of calling a module: which arguments were tensors,
+which were None, and the value of every other argument (``use_cache=False``,
+``output_attentions=None``) are baked into it. A converted submodule therefore keeps
+the pattern of the call it was traced on. Each later call is bound to the module's
+own ``forward`` signature (positional or keyword, defaults filled in) and flattened
+with pytree; it runs the graph when it has the same structure and the same non-tensor
+values, and otherwise fails with the argument that differs, never with a wrong result.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils import _pytree as pytree
+
+
+class Slot(enum.Enum):
+    """Where a tensor goes in a call pattern (an enum member survives pickling)."""
+
+    TENSOR = "tensor"
+
+
+@dataclass(frozen=True)
+class CallPattern:
+    """The structure and non-tensor values of one call (Note [One call pattern per
+    graph]); the graph's inputs are the call's tensors in pytree order."""
+
+    spec: pytree.TreeSpec
+    leaves: tuple[Any, ...]  # Slot.TENSOR where the call had a tensor
+
+    @staticmethod
+    def of(arguments: dict[str, Any]) -> CallPattern:
+        leaves, spec = pytree.tree_flatten(arguments)
+        slots = tuple(Slot.TENSOR if isinstance(v, Tensor) else v for v in leaves)
+        return CallPattern(spec, slots)
+
+    @property
+    def n_tensors(self) -> int:
+        return sum(v is Slot.TENSOR for v in self.leaves)
+
+    def tensors(self, arguments: dict[str, Any]) -> list[Tensor]:
+        """The tensors of a call of this pattern (`mismatch` must have said None)."""
+        return tensor_leaves(arguments)
+
+    def rebuild(self, tensors: tuple[Tensor, ...]) -> dict[str, Any]:
+        """The arguments of the traced call, with `tensors` in the tensor slots."""
+        it = iter(tensors)
+        leaves = [next(it) if v is Slot.TENSOR else v for v in self.leaves]
+        return pytree.tree_unflatten(leaves, self.spec)
+
+    def mismatch(self, arguments: dict[str, Any]) -> str | None:
+        """None when a call fits this pattern, else what differs, in words."""
+        leaves, spec = pytree.tree_flatten(arguments)
+        if spec != self.spec:
+            return _structure(self.spec, spec)
+        paths = [pytree.keystr(k) for k, _ in pytree.tree_leaves_with_path(arguments)]
+        for path, want, got in zip(paths, self.leaves, leaves, strict=True):
+            if want is Slot.TENSOR:
+                if not isinstance(got, Tensor):
+                    return f"{path} was a tensor and is now {_show(got)}"
+            elif isinstance(got, Tensor):
+                return f"{path} was {_show(want)} and is now a tensor"
+            elif not _same(want, got):
+                return f"{path} was {_show(want)} and is now {_show(got)}"
+        return None
+
+
+@dataclass(frozen=True)
+class Fill:
+    """``argument=None`` means ones shaped like ``like`` (a padding mask that masks
+    nothing), as convert verified on the example: a call that leaves it out can
+    replay a graph traced with it."""
+
+    argument: str
+    like: str
+    dtype: torch.dtype
+
+    def apply(self, arguments: dict[str, Any]) -> bool:
+        """Fill the argument in place where it is None; True when it did."""
+        like = arguments.get(self.like)
+        if arguments.get(self.argument, 0) is not None or not isinstance(like, Tensor):
+            return False
+        arguments[self.argument] = torch.ones(
+            like.shape, dtype=self.dtype, device=like.device
+        )
+        return True
+
+
+def tensor_leaves(tree: Any) -> list[Tensor]:
+    """Every tensor in a nest of tuples, lists and dicts, in pytree order."""
+    return [v for v in pytree.tree_leaves(tree) if isinstance(v, Tensor)]
+
+
+def _same(a: Any, b: Any) -> bool:
+    if a is b:
+        return True
+    if type(a) is not type(b):
+        return False
+    try:
+        return bool(a == b)
+    except Exception:  # an object whose == is not a truth value
+        return False
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"a {type(value).__name__}"
+
+
+def _structure(want: pytree.TreeSpec, got: pytree.TreeSpec) -> str:
+    """Name the first argument whose structure differs (None vs tensor, say)."""
+    names_want, names_got = want.context, got.context
+    for name, a, b in zip(
+        names_want, want.children_specs, got.children_specs, strict=False
+    ):
+        if a != b:
+            return f"[{name!r}] changed from {_kind(a)} to {_kind(b)}"
+    return f"the arguments changed from {names_want} to {names_got}"
+
+
+def _kind(spec: pytree.TreeSpec) -> str:
+    if spec.is_leaf():
+        return "a value"
+    if spec.type is type(None):
+        return "None"
+    return f"a {spec.type.__name__} of {spec.num_leaves} values"

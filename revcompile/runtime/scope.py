@@ -1,0 +1,131 @@
+"""The forward of a converted submodule: its rewritten graph, run on the submodule.
+
+Note [Keep the user's model]
+`convert` returns the user's model, of its own class, with its own attributes and
+methods. Only the submodules that enclose a reversible stage change, and each keeps
+its class too: its members (child modules, parameters, buffers) become those its
+rewritten graph reads, and its ``forward`` attribute becomes a `TracedForward`, which
+binds each call to the class's own signature (Note [One call pattern per graph] in
+calls.py) and runs the graph's generated code with the submodule itself as ``self``.
+The code reads the submodule's members when it runs, so after ``.to()``,
+``load_state_dict``, a deep copy or unpickling there is nothing to re-link.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+from revcompile.errors import CallPatternError
+from revcompile.runtime.calls import CallPattern, Fill
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One traced call pattern and the graph that computes it."""
+
+    pattern: CallPattern
+    graph: fx.GraphModule
+    out_spec: pytree.TreeSpec | None  # torch.export returns flat outputs
+
+
+class TracedForward:
+    """Stands in for ``owner.forward`` (Note [Keep the user's model])."""
+
+    def __init__(
+        self,
+        owner: nn.Module,
+        variants: Sequence[Variant],
+        path: str,
+        fills: Sequence[Fill] = (),
+    ) -> None:
+        self.owner = owner
+        self.variants = tuple(variants)
+        self.path = path
+        self.fills = tuple(fills)
+
+    def __repr__(self) -> str:
+        return f"TracedForward({self.path or 'model'}, {len(self.variants)} graph(s))"
+
+    @property
+    def code(self) -> str:
+        """The generated Python code of the (first) graph, for reading."""
+        return self.variants[0].graph.code
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        arguments = bind_call(self.owner, args, kwargs)
+        variant = self._match(arguments)
+        if variant is None and any([f.apply(arguments) for f in self.fills]):
+            variant = self._match(arguments)
+        if variant is None:
+            raise self._refusal(arguments)
+        tensors = variant.pattern.tensors(arguments)
+        out = type(variant.graph).forward(self.owner, *tensors)
+        if variant.out_spec is None:
+            return out
+        return pytree.tree_unflatten(list(out), variant.out_spec)
+
+    def _match(self, arguments: dict[str, Any]) -> Variant | None:
+        for variant in self.variants:
+            if variant.pattern.mismatch(arguments) is None:
+                return variant
+        return None
+
+    def _refusal(self, arguments: dict[str, Any]) -> CallPatternError:
+        differences = [v.pattern.mismatch(arguments) for v in self.variants]
+        name = self.path or "the model"
+        what = "; ".join(d for d in differences if d)
+        return CallPatternError(
+            f"{name} ({type(self.owner).__name__}) was converted from a trace of one "
+            f"way of calling it and this call differs: {what}. A "
+            f"converted submodule replays the call it was traced on (Note [One call "
+            f"pattern per graph] in revcompile/runtime/calls.py). Call it as during "
+            f"conversion, or convert with example_inputs that make this call."
+        )
+
+
+def bind_call(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """``{parameter: value}`` of a call of `module`, as its class's ``forward`` binds
+    it (without ``self``, defaults filled in)."""
+    bound = _signature(type(module).forward).bind(module, *args, **kwargs)
+    bound.apply_defaults()
+    arguments = dict(bound.arguments)
+    arguments.pop(next(iter(arguments)))  # self
+    return arguments
+
+
+def call_arguments(module: nn.Module, arguments: dict[str, Any]) -> tuple[tuple, dict]:
+    """``(args, kwargs)`` that call `module` with `arguments` (the inverse of
+    `bind_call`): by keyword wherever the signature allows, since decorators on a
+    ``forward`` (transformers' deprecation shims) may not keep positions."""
+    params = list(_signature(type(module).forward).parameters.values())[1:]
+    kinds = {p.name: p.kind for p in params}
+    starred = any(
+        kinds[n] is inspect.Parameter.VAR_POSITIONAL and v for n, v in arguments.items()
+    )
+    args: list[Any] = []
+    kwargs: dict[str, Any] = {}
+    for name, value in arguments.items():
+        kind = kinds[name]
+        if kind is inspect.Parameter.VAR_POSITIONAL:
+            args.extend(value)
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            kwargs.update(value)
+        elif kind is inspect.Parameter.POSITIONAL_ONLY or (
+            starred and kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+        ):
+            args.append(value)
+        else:
+            kwargs[name] = value
+    return tuple(args), kwargs
+
+
+@functools.cache
+def _signature(forward: Callable[..., Any]) -> inspect.Signature:
+    return inspect.signature(forward)
