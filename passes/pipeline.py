@@ -98,8 +98,10 @@ def _merge(
     blocks.extend(found.seen)
     blocks.sort(key=lambda b: _position(b.module_path, order))
     for path, error in found.failures.items():
-        if path and not any(s.path.startswith(path) for s in found.scopes):
-            first = str(error).split(": ", 1)[-1][:200]
+        # Why the search went below a module; other failures are of layers that hold
+        # no stage.
+        if not path or any(s.path.startswith(path + ".") for s in found.scopes):
+            first = str(error).split(": ", 1)[-1][:300]
             notes.append(f"{path or 'the model'} was not traced: {first}")
     tracers = sorted({s.tracer for s in scopes}) or (
         [found.root.tracer] if found.root else []
