@@ -13,7 +13,6 @@ The code reads the submodule's members when it runs, so after ``.to()``,
 
 from __future__ import annotations
 
-import functools
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -126,6 +125,11 @@ def call_arguments(module: nn.Module, arguments: dict[str, Any]) -> tuple[tuple,
     return tuple(args), kwargs
 
 
-@functools.cache
+_SIGNATURES: dict[Callable[..., Any], inspect.Signature] = {}
+
+
 def _signature(forward: Callable[..., Any]) -> inspect.Signature:
-    return inspect.signature(forward)
+    # A plain dict, not functools.cache: dynamo traces a dict lookup without warning.
+    if forward not in _SIGNATURES:
+        _SIGNATURES[forward] = inspect.signature(forward)
+    return _SIGNATURES[forward]
