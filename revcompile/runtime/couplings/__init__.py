@@ -1,0 +1,1 @@
+"""The reversible families: one file per family, all driven by `ReversibleStage`."""
