@@ -25,48 +25,11 @@ from revcompile.runtime.couplings.base import (
     Aux,
     Call,
     Carry,
-    Coupling,
-    Layout,
     State,
     branch_vjp,
     plain_call,
 )
-
-
-class SplitCoupling(Coupling):
-    """Entry and exit of the families on the two channel halves of the stage input:
-    the state is ``split(x)`` and the output ``join(state)``, so the stage saves its
-    output and takes the final state back as two views of it."""
-
-    splits = True
-
-    @classmethod
-    def enter(cls, x: Tensor, layout: Layout) -> State:
-        return layout.split(x)
-
-    @classmethod
-    def enter_grad(cls, grads: Sequence[Tensor], layout: Layout) -> Tensor:
-        return layout.join(grads)
-
-    @classmethod
-    def leave(cls, state: State, x: Tensor, layout: Layout) -> Tensor:
-        return layout.join(state)
-
-    @classmethod
-    def leave_grad(cls, dy: Tensor, layout: Layout) -> tuple[list[Tensor], None]:
-        return list(layout.split(dy)), None
-
-    @classmethod
-    def pack(cls, carry: Carry, y: Tensor, layout: Layout) -> tuple[list[Tensor], Any]:
-        return [y], None
-
-    @classmethod
-    def unpack(cls, tensors: Sequence[Tensor], meta: Any, layout: Layout) -> Carry:
-        return Carry(layout.split(tensors[0]))
-
-    @classmethod
-    def output_determines_state(cls) -> bool:
-        return True
+from revcompile.runtime.couplings.maps import SplitCoupling
 
 
 class AdditiveCoupling(SplitCoupling):
