@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from revcompile.errors import ConversionError, DoubleBackwardError, ReconstructionError
-from revcompile.runtime.couplings.base import Unrebuildable, keyed_call
+from revcompile.runtime.couplings.base import Unrebuildable, compute_dtype, keyed_call
 from revcompile.runtime.guard import anchored_backward, check_rebuilt, record_failure
 from revcompile.runtime.state import (
     AutocastState,
@@ -146,7 +146,7 @@ class ReversibleFunction(torch.autograd.Function):
             #    re-anchor on the saved one if they differ (Note [Drift guard]).
             if x_saved is not None:
                 rebuilt = None if failure else kind.decode(carry)
-                dtype = ctx.compute or x_saved.dtype
+                dtype = compute_dtype(ctx.compute or x_saved.dtype)
                 step = check_rebuilt(stage, rebuilt, x_saved, dtype, failure)
                 if step.anchored:
                     grads = {}

@@ -87,6 +87,15 @@ RTOL = {
 }
 
 
+def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
+    """The least precise of `dtypes` and the active autocast dtype."""
+    found = list(dtypes)
+    for device in ("cpu", "cuda"):
+        if torch.is_autocast_enabled(device):
+            found.append(torch.get_autocast_dtype(device))
+    return max(found, key=lambda d: torch.finfo(d).eps)
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where a splitting family cuts the stream: `dim` and the two sizes."""

@@ -43,6 +43,7 @@ from revcompile.runtime.couplings.base import (
     State,
     Unrebuildable,
     branch_vjp,
+    compute_dtype,
     keyed_call,
 )
 from revcompile.runtime.couplings.solver import (
@@ -50,7 +51,6 @@ from revcompile.runtime.couplings.solver import (
     anderson,
     batch_stats_fixed,
     batch_stats_recorded,
-    compute_dtype,
 )
 from revcompile.runtime.state import RngTape, cuda_devices, running_stats_frozen
 

@@ -19,6 +19,7 @@ Lipschitz constant up to 1/(1 - L), so a stage's error can grow like
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -72,20 +73,17 @@ def anderson(
 
 def _mix(history: list[tuple[Tensor, Tensor]]) -> Tensor:
     """Anderson's step: ``g_k - dG a`` with ``a = argmin |r_k - dR a|`` over the
-    differences of consecutive iterates (a small regularised least squares)."""
-    gs = torch.stack([h[0].reshape(-1) for h in history]).double()  # (m+1, n)
-    rs = torch.stack([h[1].reshape(-1) for h in history]).double()
-    dg, dr = gs[1:] - gs[:-1], rs[1:] - rs[:-1]  # (m, n)
-    gram = dr @ dr.T
-    gram += (
-        1e-12
-        * gram.diagonal().max().clamp_min(1e-300)
-        * torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
-    )
-    a = torch.linalg.solve(gram, dr @ rs[-1])
-    out = gs[-1] - a @ dg
+    differences of consecutive iterates (a small regularised least squares, solved in
+    float64; the differences stay in the stream's dtype)."""
+    dg = torch.stack([b[0] - a[0] for a, b in itertools.pairwise(history)]).flatten(1)
+    dr = torch.stack([b[1] - a[1] for a, b in itertools.pairwise(history)]).flatten(1)
+    gram = (dr @ dr.T).double()  # (m, m)
+    rhs = (dr @ history[-1][1].reshape(-1)).double()
+    ridge = 1e-12 * gram.diagonal().max().clamp_min(1e-300)
+    eye = torch.eye(len(gram), dtype=gram.dtype, device=gram.device)
+    a = torch.linalg.solve(gram + ridge * eye, rhs).to(dg.dtype)
     last = history[-1][0]
-    return out.reshape(last.shape).to(last.dtype)
+    return last - (a @ dg).reshape(last.shape)
 
 
 def _batch_norms(module: nn.Module) -> list[_BatchNorm]:
@@ -136,12 +134,3 @@ def batch_stats_fixed(module: nn.Module, stats: Sequence[Tensor]) -> Iterator[No
         for m, (training, track, mean, var) in zip(norms, saved, strict=True):
             m.training, m.track_running_stats = training, track
             m.running_mean, m.running_var = mean, var
-
-
-def compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """The least precise of `dtypes` and the active autocast dtype."""
-    found = list(dtypes)
-    for device in ("cpu", "cuda"):
-        if torch.is_autocast_enabled(device):
-            found.append(torch.get_autocast_dtype(device))
-    return max(found, key=lambda d: torch.finfo(d).eps)
