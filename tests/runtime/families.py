@@ -48,15 +48,15 @@ class Scaled(nn.Module):
 class PreActConv(nn.Module):
     """BN-ReLU-conv-BN-ReLU-conv from c_in to c_out channels (bias-free convs)."""
 
-    def __init__(self, c_in: int, c_out: int) -> None:
+    def __init__(self, c_in: int, c_out: int, hidden: int = 8) -> None:
         super().__init__()
         self.net = nn.Sequential(
             nn.BatchNorm2d(c_in),
             nn.ReLU(),
-            nn.Conv2d(c_in, 8, 3, padding=1, bias=False),
-            nn.BatchNorm2d(8),
+            nn.Conv2d(c_in, hidden, 3, padding=1, bias=False),
+            nn.BatchNorm2d(hidden),
             nn.ReLU(),
-            nn.Conv2d(8, c_out, 3, padding=1, bias=False),
+            nn.Conv2d(hidden, c_out, 3, padding=1, bias=False),
         )
 
     def forward(self, x: Tensor) -> Tensor:

@@ -115,10 +115,12 @@ class InfoBuffer:
         if opened:
             self.pages.append(torch.zeros_like(t))
             self.bound = 1
+        # Fresh tensors only, written in place: the saved pages are never modified.
         q = torch.div(t, r.d, rounding_mode="floor")
-        store = self.pages[-1] * r.d + (t - q * r.d)  # push t mod d
-        t = q * r.n + torch.remainder(store, r.n)  # pop a remainder modulo n
-        self.pages[-1] = torch.div(store, r.n, rounding_mode="floor")
+        store = self.pages[-1] * r.d
+        store += torch.remainder(t, r.d)  # push t mod d
+        t = q.mul_(r.n).add_(torch.remainder(store, r.n))  # pop a remainder mod n
+        self.pages[-1] = store.div_(r.n, rounding_mode="floor")
         self.bound = (self.bound * r.d - 1) // r.n + 1
         return t
 
@@ -126,12 +128,13 @@ class InfoBuffer:
         """The inverse of `mul`, on its output."""
         bound, opened = self.log.pop()
         q = torch.div(t, r.n, rounding_mode="floor")
-        store = self.pages[-1] * r.n + (t - q * r.n)  # push back t mod n
-        t = q * r.d + torch.remainder(store, r.d)  # pop the remainder modulo d
+        store = self.pages[-1] * r.n
+        store += torch.remainder(t, r.n)  # push back t mod n
+        t = q.mul_(r.d).add_(torch.remainder(store, r.d))  # pop the remainder mod d
         if opened:
             self.pages.pop()  # back to all zeros: drop it
         else:
-            self.pages[-1] = torch.div(store, r.d, rounding_mode="floor")
+            self.pages[-1] = store.div_(r.d, rounding_mode="floor")
         self.bound = bound
         return t
 
@@ -194,12 +197,12 @@ class IntArith:
         return IntArith(unit, state[0].dtype, {})
 
     def encode(self, t: Tensor) -> Tensor:
-        scaled = t.double() / self.unit
-        self._flag(~torch.isfinite(scaled).all() | (scaled.abs() >= LIMIT).any())
-        return torch.round(scaled).long()
+        scaled = t.to(torch.float64, copy=True).div_(self.unit)
+        self._flag(~(scaled.abs() < LIMIT).all())  # also catches nan
+        return scaled.round_().long()
 
     def decode(self, t: Tensor) -> Tensor:
-        return (t.double() * self.unit).to(self.dtype)
+        return t.double().mul_(self.unit).to(self.dtype)
 
     def add(self, t: Tensor, delta: Tensor) -> Tensor:
         return self._checked(t + self.encode(delta))
