@@ -26,6 +26,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from revcompile.errors import ConversionError
 from revcompile.runtime.couplings.base import (
     Aux,
     Call,
@@ -50,11 +51,12 @@ class MomentumCoupling(ArithCoupling):
 
     def __init__(self, f: nn.Module, gamma: float = 0.9, exact: bool = True) -> None:
         super().__init__()
+        if not gamma > 0:
+            raise ConversionError(f"MomentumCoupling needs gamma > 0, got {gamma}.")
         self.f = f
         self.exact = exact
-        self.ratio = Ratio.of(gamma, "gamma")
-        self.gamma = self.ratio.value if exact else float(gamma)
-        self.factor = self.ratio if exact else self.gamma
+        self.factor: Ratio | float = Ratio.of(gamma, "gamma") if exact else gamma
+        self.gamma = self.factor.value if isinstance(self.factor, Ratio) else gamma
 
     def extra_repr(self) -> str:
         return f"gamma={self.gamma}, exact={self.exact}"

@@ -26,6 +26,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from revcompile.errors import ConversionError
 from revcompile.runtime.couplings.base import Aux, Call, Carry, State, branch_vjp
 from revcompile.runtime.couplings.exact import Arith, ArithCoupling, Ratio
 from revcompile.runtime.couplings.maps import SplitCoupling
@@ -46,14 +47,17 @@ class ScaledCoupling(ArithCoupling, SplitCoupling):
         exact: bool = True,
     ) -> None:
         super().__init__()
+        if not (l > 0 and b > 0):
+            raise ConversionError(f"ScaledCoupling needs l, b > 0, got {l}, {b}.")
         self.F = F
         self.G = G
         self.exact = exact
-        ratios = Ratio.of(l, "l"), Ratio.of(b, "b")
-        self.l, self.b = (
-            (ratios[0].value, ratios[1].value) if exact else (float(l), float(b))
-        )
-        self.factors = ratios if exact else (self.l, self.b)
+        self.l, self.b = float(l), float(b)
+        self.factors: tuple[Ratio | float, Ratio | float] = (self.l, self.b)
+        if exact:
+            ratios = Ratio.of(l, "l"), Ratio.of(b, "b")
+            self.factors = ratios
+            self.l, self.b = ratios[0].value, ratios[1].value
 
     def extra_repr(self) -> str:
         return f"l={self.l}, b={self.b}, exact={self.exact}"
