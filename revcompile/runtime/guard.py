@@ -28,12 +28,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
-from revcompile.runtime.couplings.base import (
-    Call,
-    ReconstructionWarning,
-    State,
-    step_vjp,
-)
+from revcompile.runtime.couplings.base import Call, ReconstructionWarning, State
+from revcompile.runtime.couplings.vjp import step_vjp
 
 if TYPE_CHECKING:
     from revcompile.runtime.stage import ReversibleStage

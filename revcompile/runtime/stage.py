@@ -99,6 +99,14 @@ class ReversibleStage(nn.Module):
         self.guard = self.kind.guard_default if guard is None else guard
         self.reconstruction_log = ReconstructionLog()
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Stages pickled before families existed are additive and unguarded."""
+        super().__setstate__(state)
+        if "kind" not in state:
+            self.kind = same_family(list(self.couplings))
+            self.guard = self.kind.guard_default
+            self.reconstruction_log = ReconstructionLog()
+
     @property
     def last_reconstruction(self) -> StepReconstruction | None:
         """What the last guarded (or failed) backward of this stage found."""

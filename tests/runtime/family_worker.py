@@ -75,6 +75,7 @@ def main() -> None:
         full = {n: p.full_tensor().detach() for n, p in model.named_parameters()}
         if rank == 0:
             torch.save(full, out)
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 

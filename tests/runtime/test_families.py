@@ -233,6 +233,19 @@ def test_families_table() -> None:
         revcompile.ReversibleStage(twin, split_sizes=(1, 1))
 
 
+def test_stage_pickled_before_families_unpickles_as_additive() -> None:
+    """A converted model saved with torch.save before this change has stages without
+    `kind`, `guard` or `reconstruction_log`."""
+    import pickle
+
+    old = stage("additive", "conv")
+    for attr in ("kind", "guard", "reconstruction_log"):
+        del old.__dict__[attr]
+    new = pickle.loads(pickle.dumps(old))
+    assert new.kind is FAMILIES["additive"].coupling and new.guard is False
+    assert_family_matches_storing(new, "additive", *inputs("conv"), rtol=1e-10)
+
+
 def test_inverse_from_the_output_only_where_it_determines_the_state() -> None:
     torch.manual_seed(0)
     x = torch.randn(3, 6, 9, dtype=torch.float64)

@@ -26,10 +26,10 @@ from revcompile.runtime.couplings.base import (
     Call,
     Carry,
     State,
-    branch_vjp,
     plain_call,
 )
 from revcompile.runtime.couplings.maps import SplitCoupling
+from revcompile.runtime.couplings.vjp import branch_vjp
 
 
 class AdditiveCoupling(SplitCoupling):

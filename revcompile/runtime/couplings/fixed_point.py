@@ -42,7 +42,6 @@ from revcompile.runtime.couplings.base import (
     Layout,
     State,
     Unrebuildable,
-    branch_vjp,
     compute_dtype,
     keyed_call,
 )
@@ -52,6 +51,7 @@ from revcompile.runtime.couplings.solver import (
     batch_stats_fixed,
     batch_stats_recorded,
 )
+from revcompile.runtime.couplings.vjp import branch_vjp
 from revcompile.runtime.state import RngTape, cuda_devices, running_stats_frozen
 
 

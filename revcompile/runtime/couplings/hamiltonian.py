@@ -26,8 +26,9 @@ from typing import Any
 from torch import Tensor, nn
 
 from revcompile.errors import ConversionError
-from revcompile.runtime.couplings.base import Aux, Call, Carry, State, branch_vjp
+from revcompile.runtime.couplings.base import Aux, Call, Carry, State
 from revcompile.runtime.couplings.maps import SplitCoupling
+from revcompile.runtime.couplings.vjp import branch_vjp
 
 
 def scaled(t: Tensor, h: float) -> Tensor:

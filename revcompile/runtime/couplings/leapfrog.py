@@ -29,9 +29,10 @@ from typing import Any
 from torch import Tensor, nn
 
 from revcompile.errors import ConversionError
-from revcompile.runtime.couplings.base import Aux, Call, Carry, State, branch_vjp
+from revcompile.runtime.couplings.base import Aux, Call, Carry, State
 from revcompile.runtime.couplings.hamiltonian import scaled
 from revcompile.runtime.couplings.maps import LastStream
+from revcompile.runtime.couplings.vjp import branch_vjp
 
 
 class LeapfrogCoupling(LastStream):

@@ -33,15 +33,16 @@ from revcompile.runtime.couplings.base import (
     Carry,
     Layout,
     State,
-    branch_vjp,
 )
-from revcompile.runtime.couplings.exact import Arith, ArithCoupling, Ratio
+from revcompile.runtime.couplings.exact import Arith, Ratio
 from revcompile.runtime.couplings.hamiltonian import scaled
+from revcompile.runtime.couplings.scaling import ScalingCoupling
+from revcompile.runtime.couplings.vjp import branch_vjp
 
 V = 1  # the velocity's slot in the information buffers
 
 
-class MomentumCoupling(ArithCoupling):
+class MomentumCoupling(ScalingCoupling):
     """``v <- g v + (1 - g) f(x)``, ``x <- x + v``; f maps ``(x, *context)`` to a
     tensor shaped like x. With ``exact=True`` g is used as the nearest fraction with
     denominator <= 1024 (`gamma` then holds that value)."""

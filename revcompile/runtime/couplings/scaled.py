@@ -27,12 +27,14 @@ from typing import Any
 from torch import Tensor, nn
 
 from revcompile.errors import ConversionError
-from revcompile.runtime.couplings.base import Aux, Call, Carry, State, branch_vjp
-from revcompile.runtime.couplings.exact import Arith, ArithCoupling, Ratio
+from revcompile.runtime.couplings.base import Aux, Call, Carry, State
+from revcompile.runtime.couplings.exact import Arith, Ratio
 from revcompile.runtime.couplings.maps import SplitCoupling
+from revcompile.runtime.couplings.scaling import ScalingCoupling
+from revcompile.runtime.couplings.vjp import branch_vjp
 
 
-class ScaledCoupling(ArithCoupling, SplitCoupling):
+class ScaledCoupling(ScalingCoupling, SplitCoupling):
     """``y1 = l x1 + F(x2)``, ``y2 = b x2 + G(y1)``. With ``exact=True`` l and b are
     used as the nearest fractions with denominator <= 1024 (`l`, `b` hold those)."""
 

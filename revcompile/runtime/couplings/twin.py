@@ -38,9 +38,9 @@ from revcompile.runtime.couplings.base import (
     Carry,
     Layout,
     State,
-    branch_vjp,
 )
 from revcompile.runtime.couplings.maps import TwoStreams
+from revcompile.runtime.couplings.vjp import branch_vjp
 
 
 class TwinCoupling(TwoStreams):
