@@ -114,10 +114,14 @@ class ReversibleStage(nn.Module):
 
     def describe(self) -> str:
         """A short name for messages: the family, coupling count and split."""
-        split = f", split={self.split_sizes or 'even'}" if self.kind.splits else ""
+        where = (
+            f", dim={self.dim}, split={self.split_sizes or 'even'}"
+            if self.kind.splits
+            else ""
+        )
         return (
-            f"ReversibleStage({len(self.couplings)} {self.kind.family} couplings, "
-            f"dim={self.dim}{split})"
+            f"ReversibleStage({len(self.couplings)} {self.kind.family} "
+            f"couplings{where})"
         )
 
     def extra_repr(self) -> str:
