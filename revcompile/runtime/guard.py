@@ -91,9 +91,12 @@ def rebuild_error(
     err, scale = 0.0, 0.0
     for a, b in zip(rebuilt, expected, strict=True):
         if b.numel():
-            err = max(err, (a.to(b.dtype) - b).abs().max().item())
+            e = (a.to(b.dtype) - b).abs().max().item()
+            # max() would drop a nan (every comparison with it is false): a rebuild
+            # that produced nan or inf is the worst error, never a perfect one.
+            err = max(err, math.inf if math.isnan(e) else e)
             scale = max(scale, b.abs().max().item())
-    return (math.inf if math.isnan(err) else err), tolerance * max(1.0, scale)
+    return err, tolerance * max(1.0, scale)
 
 
 def check_rebuilt(

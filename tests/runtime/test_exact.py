@@ -77,6 +77,26 @@ def test_exact_at_depth_where_float_division_drifts(make, options) -> None:
         revcompile.check_reconstruction(build(False), x)
 
 
+def test_a_rebuild_that_overflows_to_nan_is_the_worst_error() -> None:
+    """Float division by 0.1 over 32 couplings drifts to 1e26; in deeper stages it
+    reaches nan, which must read as an infinite error (the guard and the check both
+    use this), never as none."""
+    from revcompile.runtime.guard import rebuild_error
+
+    rebuilt = (torch.tensor([1.0, float("nan")]), torch.zeros(2))
+    err, _ = rebuild_error(rebuilt, (torch.ones(2), torch.zeros(2)), 1e-4)
+    assert err == float("inf")
+    torch.manual_seed(0)
+    cs = [
+        ScaledCoupling(nn.Linear(4, 4), nn.Linear(4, 4), l=0.1, exact=False)
+        for _ in range(32)
+    ]
+    stage = revcompile.ReversibleStage(cs, dim=-1)
+    with pytest.warns(revcompile.ReconstructionWarning):
+        (r,) = revcompile.check_reconstruction(stage, torch.randn(8, 8), atol=1e300)
+    assert r.max_abs_error > 1e20
+
+
 def test_overflow_of_the_integer_stream_raises() -> None:
     """A branch 2^20 times the input's magnitude exceeds the 2^14 headroom."""
     big = nn.Linear(4, 4)
