@@ -12,6 +12,10 @@ from revcompile.errors import TraceError as TraceError
 from revcompile.passes.ir import Plan as Plan
 from revcompile.runtime.check import check_reconstruction as check_reconstruction
 from revcompile.runtime.coupling import AdditiveCoupling as AdditiveCoupling
+from revcompile.runtime.couplings import FAMILIES as FAMILIES
+from revcompile.runtime.couplings import (
+    ReconstructionWarning as ReconstructionWarning,
+)
 from revcompile.runtime.mode import storing_activations as storing_activations
 from revcompile.runtime.stage import ReversibleStage as ReversibleStage
 

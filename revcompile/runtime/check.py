@@ -10,17 +10,10 @@ import torch
 from torch import Tensor, nn
 
 from revcompile.errors import ReconstructionError
+from revcompile.runtime.couplings.base import Unrebuildable, compute_dtype
+from revcompile.runtime.guard import rebuild_error
 from revcompile.runtime.stage import ReversibleStage
 from revcompile.runtime.state import RngTape, cuda_devices, running_stats_frozen
-
-# Relative tolerance per stream dtype: a few hundred ulps per coupling is rounding;
-# more means F or G is not the same function twice (see the causes in the error).
-_RTOL = {
-    torch.float64: 1e-10,
-    torch.float32: 1e-4,
-    torch.float16: 1e-2,
-    torch.bfloat16: 5e-2,
-}
 
 
 @dataclass(frozen=True)
@@ -32,6 +25,11 @@ class StageReconstruction:
     dtype: torch.dtype
     max_abs_error: float
     tolerance: float
+    family: str = "additive"
+    # What the stage's drift guard saw in training so far (Note [Drift guard]).
+    guarded_backwards: int = 0
+    anchored: int = 0
+    not_converged: int = 0
 
     @property
     def ok(self) -> bool:
@@ -39,11 +37,18 @@ class StageReconstruction:
 
     def __str__(self) -> str:
         verdict = "ok" if self.ok else "OVER TOLERANCE"
-        return (
+        text = (
             f"{self.path or '<root>'}: {self.couplings} couplings, {self.dtype}, "
             f"max |x - inverse(forward(x))| = {self.max_abs_error:.3g} "
             f"(tolerance {self.tolerance:.3g}) {verdict}"
         )
+        if self.guarded_backwards or self.not_converged:
+            text += (
+                f"; in training {self.anchored} of {self.guarded_backwards} guarded "
+                f"backward(s) re-anchored, {self.not_converged} fixed-point solve(s) "
+                "not converged"
+            )
+        return text
 
 
 def check_reconstruction(
@@ -54,7 +59,9 @@ def check_reconstruction(
 
     Leaves the module as it was: buffers (running statistics) and the global RNG state
     are restored. With ``atol=None`` the tolerance is relative to the input's magnitude
-    and depends on the dtype (float64 1e-10, float32 1e-4, float16 1e-2, bfloat16 5e-2).
+    and depends on the dtype (float64 1e-10, float32 1e-4, float16 1e-2, bfloat16 5e-2)
+    and on the family (a fixed_point stage allows its solver's tolerance). Each result
+    also counts what the stage's drift guard saw in training (`reconstruction_log`).
 
     Raises:
         ReconstructionError: a stage is over tolerance; the message has the numbers.
@@ -117,15 +124,30 @@ def _check_stage(
     tape = RngTape(cuda_devices((x, *context)))
     stream = stage.stream_dtype(x)
     compute = None if stream == x.dtype else x.dtype
+    xs = x.to(stream)
+    expected = stage.kind.enter(x, stage.layout(x))
+    err, tol = math.inf, stage.tolerance(compute_dtype(x.dtype))
     with torch.no_grad(), running_stats_frozen(stage):
-        y = stage.run_couplings(x.to(stream), context, tape.record, compute)
+        carry, auxes, _ = stage.run_reversible(xs, context, tape.record, compute)
         with tape.restoring():
-            x_rebuilt = stage.run_inverse(y, context, tape.replay, compute)
-        x_rebuilt = x_rebuilt.to(x.dtype)
-    err = (x - x_rebuilt).abs().max().item() if x.numel() else 0.0
-    if atol is None:
-        scale = x.abs().max().item() if x.numel() else 1.0
-        atol = _RTOL.get(x.dtype, 1e-4) * max(1.0, scale)
-    if math.isnan(err):
-        err = math.inf
-    return StageReconstruction(name, len(stage.couplings), x.dtype, err, atol)
+            try:
+                stage.run_inverse(carry, auxes, context, tape.replay, compute)
+                rebuilt = stage.kind.decode(carry)
+            except Unrebuildable:  # a fixed-point solve that did not converge
+                rebuilt = None
+    if rebuilt is not None:
+        # Compared in the input dtype, as the stage hands its output back in it.
+        rebuilt = tuple(s.to(x.dtype) for s in rebuilt)
+        err, tol = rebuild_error(rebuilt, expected, tol)
+    log = stage.reconstruction_log
+    return StageReconstruction(
+        name,
+        len(stage.couplings),
+        x.dtype,
+        err,
+        tol if atol is None else atol,
+        stage.kind.family,
+        log.backwards,
+        log.anchored,
+        log.not_converged,
+    )

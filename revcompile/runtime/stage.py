@@ -9,8 +9,18 @@ import torch
 from torch import Tensor, nn
 
 from revcompile.errors import ConversionError
-from revcompile.runtime.coupling import AdditiveCoupling, Recorder, keyed_call
+from revcompile.runtime.couplings.base import (
+    Aux,
+    Carry,
+    Coupling,
+    Layout,
+    Recorder,
+    State,
+    keyed_call,
+    same_family,
+)
 from revcompile.runtime.function import TENSOR, ReversibleFunction
+from revcompile.runtime.guard import ReconstructionLog, StepReconstruction
 from revcompile.runtime.mode import is_storing
 
 STREAMS = ("auto", "input")
@@ -24,23 +34,33 @@ STREAMS = ("auto", "input")
 # float32 stream under CPU bfloat16 autocast). With stream="auto" the stage adds and
 # subtracts in float64 and hands F and G their input cast back to the input dtype: F
 # and G outputs have at most 24 significant bits, so the float64 sums are exact and the
-# stream is rebuilt bit for bit. The cost is one float64 stage output saved for
-# backward (4x a bfloat16 one) and float64 elementwise adds; float32 training without
-# autocast is unchanged. stream="input" keeps the input dtype.
+# stream is rebuilt bit for bit. A family that scales a branch output (hamiltonian's
+# h F, midpoint's 2h f) rounds the product to the branch's dtype before adding it, so
+# the same holds. The cost is the saved final state in float64 (4x a bfloat16 one) and
+# float64 elementwise adds; float32 training without autocast is unchanged.
+# stream="input" keeps the input dtype. Families in integer arithmetic (momentum,
+# scaled: Note [Integer stream] in couplings/exact.py) are exact in every dtype.
 
 
 class ReversibleStage(nn.Module):
-    """Couplings applied in order to the two channel halves of ``x``.
+    """Couplings of one family applied in order to the stage input.
 
-    ``stage(x, *context)`` splits ``x`` along `dim` into ``(x1, x2)`` (sizes
-    `split_sizes`, default ``(C // 2, C - C // 2)``), applies each coupling, and joins
-    the halves again. Context tensors are passed unchanged to every F and G.
+    ``stage(x, *context)`` maps `x` to the family's state (for a splitting family
+    such as additive, the two halves along `dim`, sizes `split_sizes`, default
+    ``(C // 2, C - C // 2)``; for a full-width one, copies of `x`), applies each
+    coupling, and maps the final state back to a tensor shaped like `x`. Context
+    tensors are passed unchanged to every branch.
 
-    In training (grad enabled, something requires grad) the stage stores only its output
-    and the context; backward rebuilds the rest (Note [Why a stage stores only its
-    output] in function.py). Under `torch.no_grad()`, or when nothing needs a gradient,
-    it is a plain forward. Under `revcompile.storing_activations()` it runs the same
-    couplings with plain autograd.
+    In training (grad enabled, something requires grad) the stage stores only its
+    final state and the context; backward rebuilds the rest (Note [Why a stage stores
+    only its output] in function.py). Under `torch.no_grad()`, or when nothing needs a
+    gradient, it is a plain forward. Under `revcompile.storing_activations()` it runs
+    the same couplings with plain autograd.
+
+    `guard=True` also saves the stage input, checks the input rebuilt in backward
+    against it and re-anchors on it when they differ (Note [Drift guard] in guard.py);
+    None takes the family's default (on only for fixed_point, which needs it).
+    `stage.reconstruction_log` keeps what the guard saw.
 
     Example:
         >>> coupling = AdditiveCoupling(nn.Linear(8, 8), nn.Linear(8, 8))
@@ -51,34 +71,65 @@ class ReversibleStage(nn.Module):
 
     def __init__(
         self,
-        couplings: Iterable[AdditiveCoupling],
+        couplings: Iterable[Coupling],
         dim: int = 1,
         split_sizes: Sequence[int] | None = None,
         stream: str = "auto",
+        guard: bool | None = None,
     ) -> None:
         super().__init__()
         self.couplings = nn.ModuleList(couplings)
         if len(self.couplings) == 0:
             raise ConversionError("ReversibleStage needs at least one coupling.")
+        self.kind: type[Coupling] = same_family(list(self.couplings))
         if split_sizes is not None and (len(split_sizes) != 2 or min(split_sizes) < 1):
             raise ConversionError(
                 f"split_sizes must be two positive sizes (x1, x2), got {split_sizes!r}."
+            )
+        if split_sizes is not None and not self.kind.splits:
+            raise ConversionError(
+                f"split_sizes={tuple(split_sizes)} given for a {self.kind.family} "
+                "stage, whose couplings keep the full width: leave it None."
             )
         if stream not in STREAMS:
             raise ConversionError(f"stream={stream!r}: choose one of {STREAMS}.")
         self.dim = dim
         self.split_sizes = tuple(split_sizes) if split_sizes is not None else None
         self.stream = stream
+        self.guard = self.kind.guard_default if guard is None else guard
+        self.reconstruction_log = ReconstructionLog()
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Stages pickled before families existed are additive and unguarded."""
+        super().__setstate__(state)
+        if "kind" not in state:
+            self.kind = same_family(list(self.couplings))
+            self.guard = self.kind.guard_default
+            self.reconstruction_log = ReconstructionLog()
+
+    @property
+    def last_reconstruction(self) -> StepReconstruction | None:
+        """What the last guarded (or failed) backward of this stage found."""
+        return self.reconstruction_log.last
 
     def describe(self) -> str:
-        """A short name for messages: the class, coupling count and split."""
+        """A short name for messages: the family, coupling count and split."""
+        where = (
+            f", dim={self.dim}, split={self.split_sizes or 'even'}"
+            if self.kind.splits
+            else ""
+        )
         return (
-            f"ReversibleStage({len(self.couplings)} couplings, dim={self.dim}, "
-            f"split={self.split_sizes or 'even'})"
+            f"ReversibleStage({len(self.couplings)} {self.kind.family} "
+            f"couplings{where})"
         )
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, split_sizes={self.split_sizes}, stream={self.stream!r}"
+        return (
+            f"family={self.kind.family!r}, dim={self.dim}, "
+            f"split_sizes={self.split_sizes}, stream={self.stream!r}, "
+            f"guard={self.guard}"
+        )
 
     def sizes(self, channels: int) -> tuple[int, int]:
         if self.split_sizes is None:
@@ -95,10 +146,13 @@ class ReversibleStage(nn.Module):
             )
         return self.split_sizes  # type: ignore[return-value]
 
+    def layout(self, x: Tensor) -> Layout:
+        if not self.kind.splits:
+            return Layout(self.dim)
+        return Layout(self.dim, self.sizes(x.shape[self.dim]))
+
     def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        # (B, C, ...) -> (B, c1, ...), (B, c2, ...): views, never copies of x.
-        c1, c2 = self.sizes(x.shape[self.dim])
-        x1, x2 = torch.split(x, [c1, c2], dim=self.dim)
+        x1, x2 = self.layout(x).split(x)
         return x1, x2
 
     def join(self, x1: Tensor, x2: Tensor) -> Tensor:
@@ -112,6 +166,10 @@ class ReversibleStage(nn.Module):
         if low or torch.is_autocast_enabled(x.device.type):
             return torch.float64
         return x.dtype
+
+    def tolerance(self, dtype: torch.dtype) -> float:
+        """Relative reconstruction tolerance when branches compute in `dtype`."""
+        return max(c.tolerance(dtype) for c in self.couplings)  # type: ignore[operator]
 
     # Note [Stages under torch.compile]
     # Dynamo cannot trace through the reconstructing autograd.Function (its forward
@@ -156,11 +214,22 @@ class ReversibleStage(nn.Module):
             )
 
     def inverse(self, y: Tensor, *context: Any) -> Tensor:
-        """The stage input that `forward` maps to ``y`` (exact up to rounding)."""
+        """The stage input that `forward` maps to ``y`` (exact up to rounding), for
+        the families whose output determines their state (additive, hamiltonian)."""
+        if not self.kind.output_determines_state():
+            raise ConversionError(
+                f"{self.describe()}: a {self.kind.family} stage's output does not "
+                "determine its final state, so it has no inverse from the output "
+                "alone; its backward rebuilds from the saved state instead. Use "
+                "revcompile.check_reconstruction(model, x) to test reconstruction."
+            )
         stream = self.stream_dtype(y)
         compute = None if stream == y.dtype else y.dtype
         ys = y if compute is None else y.to(stream)
-        x = self.run_inverse(ys, context, None, compute)
+        layout = self.layout(ys)
+        carry = self.kind.unpack([ys], None, layout)
+        self.run_inverse(carry, [()] * len(self.couplings), context, None, compute)
+        x = layout.join(self.kind.decode(carry))
         return x if compute is None else x.to(compute)
 
     def run_couplings(
@@ -170,25 +239,44 @@ class ReversibleStage(nn.Module):
         recorder: Recorder = None,
         compute: torch.dtype | None = None,
     ) -> Tensor:
-        """Forward through every coupling; `recorder` (an `RngTape` method) sees each
-        F and G call under the key ``(coupling index, "F" | "G")``; F and G get their
-        input cast to `compute` when the stream is wider."""
-        x1, x2 = self.split(x)
+        """Forward through every coupling's differentiable `step`; `recorder` (an
+        `RngTape` method) sees each branch call under the key ``(coupling index,
+        branch name)``; branches get their input cast to `compute` when the stream
+        is wider."""
+        layout = self.layout(x)
+        state: State = self.kind.enter(x, layout)
         for i, c in enumerate(self.couplings):
-            x1, x2 = c.step(x1, x2, context, keyed_call(recorder, i, compute))
-        return self.join(x1, x2)
+            state = c.step(state, context, keyed_call(recorder, i, compute))  # type: ignore[operator]
+        return self.kind.leave(state, x, layout)
 
-    def run_inverse(
+    def run_reversible(
         self,
-        y: Tensor,
+        x: Tensor,
         context: Sequence[Any],
         recorder: Recorder = None,
         compute: torch.dtype | None = None,
-    ) -> Tensor:
-        """Inverse through every coupling, last first; as in `run_couplings`."""
-        y1, y2 = self.split(y)
+    ) -> tuple[Carry, list[Aux], Tensor]:
+        """The reversible forward (no graph): the final representation, what each
+        coupling saved for its backward, and the stage output."""
+        layout = self.layout(x)
+        couplings: list[Coupling] = list(self.couplings)  # type: ignore[arg-type]
+        carry = self.kind.open(self.kind.enter(x, layout), couplings)
+        auxes = [
+            c.forward_step(carry, context, keyed_call(recorder, i, compute))
+            for i, c in enumerate(couplings)
+        ]
+        return carry, auxes, self.kind.leave(self.kind.decode(carry), x, layout)
+
+    def run_inverse(
+        self,
+        carry: Carry,
+        auxes: Sequence[Aux],
+        context: Sequence[Any],
+        recorder: Recorder = None,
+        compute: torch.dtype | None = None,
+    ) -> None:
+        """Rebuild, in `carry`, the representation at the stage input."""
         for i in reversed(range(len(self.couplings))):
-            y1, y2 = self.couplings[i].inverse_step(
-                y1, y2, context, keyed_call(recorder, i, compute)
+            self.couplings[i].inverse_step(  # type: ignore[operator]
+                carry, auxes[i], context, keyed_call(recorder, i, compute)
             )
-        return self.join(y1, y2)

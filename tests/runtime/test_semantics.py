@@ -172,7 +172,7 @@ def test_bad_split_is_explained() -> None:
 class _Shift(nn.Module):
     """``x + bias`` with a full-shape bias: autograd hands back the incoming gradient
     itself as the bias's gradient, an alias of a tensor the backward rebuilds in
-    place (Note [Rebuild in place] in coupling.py)."""
+    place (Note [Rebuild in place] in couplings/base.py)."""
 
     def __init__(self, shape: tuple[int, ...]) -> None:
         super().__init__()
