@@ -32,8 +32,26 @@ class ReasonKind(enum.Enum):
     """The block is inside the branch of a block that converts, and converts with it."""
     STAGE_TOO_SHORT = "stage too short"
     """The block's chain has fewer blocks than ``min_blocks``."""
+    NOT_CONTRACTIVE = "fixed-point inverse does not converge"
+    """``coupling="fixed_point"``: iterating ``x <- y - f(x)`` did not converge on the
+    example (Note [Convert only what converges])."""
+    BUDGET = "kept by the memory planner"
+    """The budget is met without converting the block (it is checkpointed or
+    stored, and keeps its function)."""
     REWRITE_FAILED = "rewrite failed"
     """Deriving the stage raised; the detail names the exception."""
+
+
+class Policy(enum.Enum):
+    """What the memory planner does with a block's activations."""
+
+    REVERSIBLE = "reversible"
+    """In a reversible stage: rebuilt from the stage's output in backward."""
+    CHECKPOINT = "checkpoint"
+    """Its input kept, the rest recomputed once in backward (Note [Checkpoint
+    exactly once])."""
+    STORE = "store"
+    """Everything kept, as without revcompile."""
 
 
 @dataclass(frozen=True)
@@ -110,6 +128,15 @@ class ResidualBlock:
     scope: str = ""
     """Path of the submodule traced to find the block (Note [Keep the user's model]);
     node names (`join`, `fork`, ...) are names in that submodule's graph."""
+    policy: Policy = Policy.STORE
+    """What the memory planner chose (passes/planner.py)."""
+    saved_bytes: int = 0
+    """Bytes the original saves for the block's backward on the example, measured
+    (Note [Measured activation bytes]); 0 where the planner did not measure."""
+    predicted_bytes: int = 0
+    """Bytes it keeps under its policy (for a stage: its share of the output)."""
+    recompute_flops: int = 0
+    """Forward FLOPs its policy recomputes in backward."""
 
     @property
     def eligible(self) -> bool:
@@ -190,6 +217,12 @@ class Plan:
     """What the tracer specialised or changed, in words."""
     scopes: tuple[Scope, ...] = ()
     """The submodules traced and rewritten on their own, in model order."""
+    budget: int | None = None
+    """The activation-memory budget in bytes at the example, None for none."""
+    original_bytes: int = 0
+    """Activation bytes the original saves for backward on the example, measured."""
+    predicted_bytes: int = 0
+    """Activation bytes the converted model is predicted to save, on the example."""
 
     @property
     def bytes_saved(self) -> int:
@@ -197,6 +230,9 @@ class Plan:
 
     @property
     def fraction_saved(self) -> float:
+        """Measured and predicted by the planner where it ran, else from shapes."""
+        if self.original_bytes:
+            return 1.0 - self.predicted_bytes / self.original_bytes
         return (
             self.bytes_saved / self.activation_bytes if self.activation_bytes else 0.0
         )
@@ -216,6 +252,7 @@ class Plan:
             f"in {len(self.stages)} stage{s} convert; "
             f"about {self.fraction_saved:.0%} of activation memory no longer stored"
         )
+        checkpointed = sum(b.policy is Policy.CHECKPOINT for b in self.blocks)
         if kept:
             counts: dict[str, int] = {}
             for reason in kept:
@@ -224,6 +261,8 @@ class Plan:
                 k if len(counts) == 1 else f"{n} {k}" for k, n in counts.items()
             )
             line += f"; {len(kept)} block{'' if len(kept) == 1 else 's'} kept: {why}"
+        if checkpointed:
+            line += f" ({checkpointed} checkpointed)"
         return line
 
     def to_dict(self) -> dict[str, Any]:
@@ -238,6 +277,9 @@ class Plan:
             "bytes_saved": self.bytes_saved,
             "fraction_saved": self.fraction_saved,
             "min_blocks": self.min_blocks,
+            "budget": self.budget,
+            "original_bytes": self.original_bytes,
+            "predicted_bytes": self.predicted_bytes,
             "notes": list(self.notes),
             "scopes": [
                 {
@@ -271,6 +313,10 @@ def _block_dict(b: ResidualBlock) -> dict[str, Any]:
         "reason": _reason_dict(b.reason),
         "stage": b.stage,
         "scope": b.scope,
+        "policy": b.policy.value,
+        "saved_bytes": b.saved_bytes,
+        "predicted_bytes": b.predicted_bytes,
+        "recompute_flops": b.recompute_flops,
         "shape": list(b.shape),
         "dtype": b.dtype,
         "channel_dim": b.channel_dim,

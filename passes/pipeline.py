@@ -14,6 +14,7 @@ from torch import nn
 
 from revcompile.errors import TraceError
 from revcompile.passes import inputs as _inputs
+from revcompile.passes.budget import plan_budget
 from revcompile.passes.calls import record_calls
 from revcompile.passes.flat import input_names
 from revcompile.passes.ir import Plan, Reason, ReasonKind, ResidualBlock, Scope, Stage
@@ -59,7 +60,16 @@ def analyze_model(
         raise found.failures[""]
     order = {path: i for i, path in enumerate(calls)}
     found.scopes.sort(key=lambda s: order.get(s.path, 0))
+    budgeted = plan_budget(found, root, (args, kwargs), options)
+    found.scopes[:] = budgeted.scopes
+    notes.extend(budgeted.notes)
     plan = _merge(root, arguments, found, options, notes, order)
+    plan = dataclasses.replace(
+        plan,
+        budget=budgeted.budget,
+        original_bytes=budgeted.original,
+        predicted_bytes=budgeted.predicted,
+    )
     return Analysis(root, found, plan, (args, kwargs))
 
 

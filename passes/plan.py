@@ -17,11 +17,22 @@ from __future__ import annotations
 
 import dataclasses
 
+from torch import fx
+
 from revcompile.passes import ops
 from revcompile.passes.dataflow import DataFlow, dataflow
-from revcompile.passes.ir import Glue, Plan, Reason, ReasonKind, ResidualBlock, Stage
+from revcompile.passes.ir import (
+    Glue,
+    GlueKind,
+    Plan,
+    Reason,
+    ReasonKind,
+    ResidualBlock,
+    Stage,
+)
 from revcompile.passes.memory import model_bytes, stored_bytes, tensor_bytes
 from revcompile.passes.meta import module_path
+from revcompile.passes.norms import layer_norm_module
 from revcompile.passes.options import Options
 from revcompile.passes.trace import Traced
 
@@ -37,7 +48,7 @@ def make_plan(
     """Stages from the blocks ``find_residual_blocks`` found in ``traced.gm``."""
     df = df or dataflow(traced.gm)
     by_join = {b.join: b for b in blocks}
-    links = {b.join: link for b in blocks if (link := _link(b, blocks, df))}
+    links = {b.join: link for b in blocks if (link := _link(b, blocks, df, options))}
     candidates = [b.join for b in blocks if b.eligible]
     removed: dict[str, Reason] = {}
     while True:  # Note [Nested blocks]
@@ -56,7 +67,7 @@ def make_plan(
                     f"{options.min_blocks}",
                 )
     stages = tuple(
-        _stage(i, [by_join[j] for j in chain], links, df)
+        _stage(i, [by_join[j] for j in chain], links, df, options)
         for i, chain in enumerate(chains)
     )
     stage_of = {j: s.index for s in stages for j in s.blocks}
@@ -80,7 +91,7 @@ def make_plan(
 
 
 def _link(
-    a: ResidualBlock, blocks: tuple[ResidualBlock, ...], df: DataFlow
+    a: ResidualBlock, blocks: tuple[ResidualBlock, ...], df: DataFlow, options: Options
 ) -> Link | None:
     """Follow A's output through absorbable glue to the block it feeds, if any."""
     value, glue = a.join, []
@@ -103,10 +114,17 @@ def _link(
         node = df.node(users[0])
         kind = ops.glue_kind(node, df.gm)
         others = [p for p in df.flow.preds(node.name) if p in df.activations]
-        if kind is None or others != [value]:
+        if kind is None or others != [value] or not _absorbs(node, kind, df, options):
             return None
         glue.append(Glue(node.name, kind, ops.describe(node, df.gm), module_path(node)))
         value = node.name
+
+
+def _absorbs(node: fx.Node, kind: GlueKind, df: DataFlow, options: Options) -> bool:
+    """fixed_point keeps the function: only glue it can invert joins two blocks."""
+    if not options.keeps_function or kind is GlueKind.IDENTITY:
+        return True
+    return kind is GlueKind.NORM and layer_norm_module(node, df.gm) is not None
 
 
 def _nested(play: list[str], by_join: dict[str, ResidualBlock]) -> dict[str, Reason]:
@@ -139,7 +157,11 @@ def _chains(tops: list[str], links: dict[str, Link], df: DataFlow) -> list[list[
 
 
 def _stage(
-    index: int, members: list[ResidualBlock], links: dict[str, Link], df: DataFlow
+    index: int,
+    members: list[ResidualBlock],
+    links: dict[str, Link],
+    df: DataFlow,
+    options: Options,
 ) -> Stage:
     glue = tuple(g for b in members[:-1] for g in links[b.join][1])
     internal = [b.join for b in members[:-1]] + [g.node for g in glue]
@@ -150,7 +172,7 @@ def _stage(
         f"post-join {g.kind.value} {g.op} at {g.module_path or '(top level)'} "
         f"moved into the next block's branch"
         for g in glue
-        if g.kind.changes_function
+        if g.kind.changes_function and not options.keeps_function
     )
     context = tuple(dict.fromkeys(c for b in members for c in b.context))
     first, last = members[0], members[-1]

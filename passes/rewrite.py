@@ -10,7 +10,9 @@ Between two blocks a stage may absorb glue (Stage.glue). Identity glue vanishes.
 post-join activation or norm cannot act on the stream of a reversible stage (it is not
 invertible), so it moves to the start of the next block's branch: ``x + B(relu(x))``
 instead of ``relu(x) + B(relu(x))``, the pre-activation form. The plan lists such
-stages under `function_changes`.
+stages under `function_changes`. ``coupling="fixed_point"`` keeps every block's
+function instead: its stages absorb identity glue and post-join LayerNorms only, and
+each norm stays after its block, inverted from the statistics it saves (build.py).
 """
 
 from __future__ import annotations
@@ -19,25 +21,22 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-from torch import Tensor, fx, nn
+from torch import fx
 
+from revcompile.passes.build import StageBuild, build_stage
 from revcompile.passes.capture import capture
-from revcompile.passes.channel_split import HalfBranch, split_branch
-from revcompile.passes.ir import GlueKind, Plan, ResidualBlock, Stage
+from revcompile.passes.extract import (
+    extract_span,
+    span_context,
+    stage_context,
+    stream_source,
+)
+from revcompile.passes.ir import Plan, Policy, ResidualBlock, Stage
+from revcompile.passes.options import Options
+from revcompile.passes.spans import trailing_glue
 from revcompile.passes.tidy import drop_unused_attributes, eliminate_dead_code
-from revcompile.runtime.coupling import AdditiveCoupling
+from revcompile.runtime.checkpoint import CheckpointedBlock
 from revcompile.runtime.stage import ReversibleStage
-
-
-@dataclass(frozen=True)
-class StageBuild:
-    """What the rewrite built for one stage, for the plan's readers."""
-
-    stage: int
-    module_name: str
-    context: tuple[str, ...]  # node names passed to the stage after its input
-    halves: tuple[tuple[str, str], ...]  # (F method, G method) per coupling
-    details: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -48,29 +47,41 @@ class Rewritten:
     gm: fx.GraphModule
     builds: tuple[StageBuild, ...]
     failed: dict[int, str]
+    failed_checkpoints: dict[str, str]  # join -> why the block stays stored
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.builds) or any(
+            isinstance(m, CheckpointedBlock) for m in self.gm.children()
+        )
 
 
-def rewrite(gm: fx.GraphModule, plan: Plan, inputs: list[Any]) -> Rewritten:
+def rewrite(
+    gm: fx.GraphModule, plan: Plan, inputs: list[Any], options: Options | None = None
+) -> Rewritten:
     """A new GraphModule in which every stage of `plan` is a `ReversibleStage`.
 
     `gm` is the traced graph the plan was made from and `inputs` the values of its
     placeholders; neither is modified. A stage whose rewrite raises is left as it was
     and reported in `Rewritten.failed`, so one odd block never stops a conversion.
     """
+    options = options or Options()
     gm = _copy_structure(gm)
     nodes = {n.name: n for n in gm.graph.nodes}
     blocks = {b.join: b for b in plan.blocks}
     contexts: dict[int, list[str]] = {}
     failed: dict[int, str] = {}
+    failed_checkpoints: dict[str, str] = {}
     for stage in plan.stages:
         try:
-            contexts[stage.index] = _stage_context(gm, nodes, stage, blocks)
+            contexts[stage.index] = stage_context(gm, nodes, stage, blocks)
         except Exception as e:  # user code and odd graphs: any error, one stage
             failed[stage.index] = _why(e)
     wanted = set()
     for stage in plan.stages:
         if stage.index in contexts:
-            wanted.update(_stream_source(stage, i) for i in range(len(stage.blocks)))
+            wanted.update(stream_source(stage, i) for i in range(len(stage.blocks)))
+            wanted.update(blocks[j].fork for j in stage.blocks)
             wanted.update(contexts[stage.index])
     values = capture(gm, inputs, wanted)
     builds = []
@@ -78,21 +89,28 @@ def rewrite(gm: fx.GraphModule, plan: Plan, inputs: list[Any]) -> Rewritten:
         if stage.index in failed:
             continue
         try:
-            module, build = _build_stage(
-                gm, nodes, stage, blocks, contexts[stage.index], values
+            name = _module_name(gm, stage, blocks)
+            module, build = build_stage(
+                gm, nodes, stage, blocks, contexts[stage.index], values, options, name
             )
         except Exception as e:
             failed[stage.index] = _why(e)
             continue
         _splice(gm, nodes, stage, blocks, build.module_name, module, build.context)
         builds.append(build)
+    for block in plan.blocks:
+        if block.policy is Policy.CHECKPOINT and block.stage is None:
+            try:
+                _checkpoint(gm, nodes, block)
+            except Exception as e:  # the block is simply stored then
+                failed_checkpoints[block.join] = _why(e)
     _outplace_after_stages(gm, {b.module_name for b in builds})
     eliminate_dead_code(gm)
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     drop_unused_attributes(gm)
     gm.recompile()
-    return Rewritten(gm, tuple(builds), failed)
+    return Rewritten(gm, tuple(builds), failed, failed_checkpoints)
 
 
 def _why(error: BaseException) -> str:
@@ -106,155 +124,6 @@ def _copy_structure(gm: fx.GraphModule) -> fx.GraphModule:
     outside it: tied embeddings)."""
     memo = {id(t): t for t in (*gm.parameters(), *gm.buffers())}
     return copy.deepcopy(gm, memo)
-
-
-def _stream_source(stage: Stage, i: int) -> str:
-    """The node whose value enters coupling `i`: the stage input, or the previous
-    block's join (the glue after it moves into this block's branch)."""
-    return stage.input if i == 0 else stage.blocks[i - 1]
-
-
-def _build_stage(
-    gm: fx.GraphModule,
-    nodes: dict[str, fx.Node],
-    stage: Stage,
-    blocks: dict[str, ResidualBlock],
-    context_names: list[str],
-    values: dict[str, Any],
-) -> tuple[ReversibleStage, StageBuild]:
-    couplings, halves, details = [], [], []
-    context = [values[c] for c in context_names]
-    for i, join in enumerate(stage.blocks):
-        block = blocks[join]
-        source = _stream_source(stage, i)
-        prelude = _prelude(nodes[source], nodes[block.fork], stage)
-        branch = _extract_branch(gm, nodes, block, prelude, context_names)
-        f, g = split_branch(
-            branch, (values[source], *context), dim=stage.channel_dim, sizes=stage.split
-        )
-        couplings.append(AdditiveCoupling(_outplace(f), _outplace(g)))
-        halves.append((f.method, g.method))
-        details.append(f"{block.module_path}: F {f.method} ({f.detail}); G {g.method}")
-    name = _module_name(gm, stage, blocks)
-    module = ReversibleStage(couplings, dim=stage.channel_dim, split_sizes=stage.split)
-    build = StageBuild(
-        stage.index, name, tuple(context_names), tuple(halves), tuple(details)
-    )
-    return module, build
-
-
-def _stage_context(
-    gm: fx.GraphModule,
-    nodes: dict[str, fx.Node],
-    stage: Stage,
-    blocks: dict[str, ResidualBlock],
-) -> list[str]:
-    """The plan's context plus the outside scalars the branches turn out to read."""
-    names = list(stage.context)
-    for i, join in enumerate(stage.blocks):
-        block = blocks[join]
-        prelude = _prelude(nodes[_stream_source(stage, i)], nodes[block.fork], stage)
-        while True:
-            try:
-                _extract_branch(gm, nodes, block, prelude, names)
-                break
-            except _NeedsInput as need:
-                names.append(need.node.name)
-    return names
-
-
-def _prelude(source: fx.Node, fork: fx.Node, stage: Stage) -> list[fx.Node]:
-    """Glue nodes from `source` to `fork` (Note [Glue inside a stage]), in order."""
-    glue = {g.node: g for g in stage.glue}
-    chain: list[fx.Node] = []
-    node = fork
-    while node is not source:
-        if node.name not in glue:
-            raise ValueError(
-                f"{node.format_node()} lies between two blocks of stage {stage.index} "
-                "but is not glue the stage can absorb"
-            )
-        kind = glue[node.name].kind
-        if kind is GlueKind.LAYOUT:
-            raise ValueError(f"layout glue {node.name} inside a stage is not supported")
-        chain.append(node)
-        node = node.all_input_nodes[0]
-    return list(reversed(chain))
-
-
-class _NeedsInput(Exception):
-    """The branch reads a non-tensor value from outside (a symbolic size of a model
-    input, say): the stage passes it in as context."""
-
-    def __init__(self, node: fx.Node) -> None:
-        super().__init__(node.name)
-        self.node = node
-
-
-def _extract_branch(
-    gm: fx.GraphModule,
-    nodes: dict[str, fx.Node],
-    block: ResidualBlock,
-    prelude: list[fx.Node],
-    context: list[str],
-) -> fx.GraphModule:
-    """``(stream, *context) -> branch output`` as its own GraphModule over `gm`'s
-    modules and parameters (the split copies what it changes).
-
-    Shape reads and other values computed from the branch are copied along with it;
-    a non-tensor value from outside raises `_NeedsInput` so the caller can add it to
-    the stage's context.
-    """
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
-    stream = graph.placeholder("stream")
-    env[prelude[0].all_input_nodes[0] if prelude else nodes[block.fork]] = stream
-    for name in context:
-        env[nodes[name]] = graph.placeholder(f"ctx_{name}")
-
-    def lookup(n: fx.Node) -> fx.Node:
-        if n not in env:
-            if n.op == "placeholder":
-                raise ValueError(f"branch of {block.module_path} reads input {n.name}")
-            if _is_scalar(n) and _reads_outside(n, env):
-                raise _NeedsInput(n)
-            env[n] = graph.node_copy(n, lookup)
-        return env[n]
-
-    for node in prelude:
-        env[node] = graph.node_copy(node, lookup)
-    for name in block.branch:
-        lookup(nodes[name])
-    graph.output(env[nodes[block.branch[-1]]])
-    return fx.GraphModule(gm, graph)
-
-
-def _is_scalar(node: fx.Node) -> bool:
-    return "tensor_meta" not in node.meta and not isinstance(
-        node.meta.get("val"), Tensor
-    )
-
-
-def _reads_outside(node: fx.Node, env: dict[fx.Node, fx.Node]) -> bool:
-    """Whether `node` depends on a graph input other than through `env`."""
-    stack, seen = [node], set()
-    while stack:
-        n = stack.pop()
-        if n in env or n in seen:
-            continue
-        seen.add(n)
-        if n.op == "placeholder":
-            return True
-        stack.extend(n.all_input_nodes)
-    return False
-
-
-def _outplace(half: HalfBranch) -> nn.Module:
-    """F and G must never write into their input, which is a view of the stage's."""
-    for m in half.module.modules():
-        if getattr(m, "inplace", False) is True:
-            m.inplace = False
-    return half.module
 
 
 def _module_name(
@@ -288,6 +157,7 @@ def _splice(
         call = gm.graph.call_module(name, args)
     call.meta = {k: v for k, v in out.meta.items() if k != "nn_module_stack"}
     out.replace_all_uses_with(call, delete_user_cb=lambda u: u is not call)
+    nodes[out.name] = call  # a later block's fork may be this value
     for read in stage.shape_reads:
         node = nodes[read]
         for arg in list(node.all_input_nodes):
@@ -304,6 +174,34 @@ def _erase_replaced(
         internal.update(blocks[join].branch)
     for node in reversed(list(gm.graph.nodes)):
         if node.name in internal and node.op != "get_attr" and not node.users:
+            gm.graph.erase_node(node)
+
+
+def _checkpoint(
+    gm: fx.GraphModule, nodes: dict[str, fx.Node], block: ResidualBlock
+) -> None:
+    """Replace the block's span by one `CheckpointedBlock` call (Note [Checkpoint
+    exactly once])."""
+    after = tuple(trailing_glue(block, nodes, gm))
+    context = span_context(gm, nodes, block, after)
+    body = extract_span(gm, nodes, block, context, after)
+    base = "ckpt_" + (block.module_path or "block").replace(".", "_")
+    name, k = base, 1
+    while hasattr(gm, name):
+        k += 1
+        name = f"{base}_{k}"
+    gm.add_submodule(name, CheckpointedBlock(copy.deepcopy(body)))
+    end = nodes[after[-1] if after else block.join]
+    with gm.graph.inserting_after(end):
+        call = gm.graph.call_module(
+            name, (nodes[block.fork], *(nodes[c] for c in context))
+        )
+    call.meta = {k: v for k, v in end.meta.items() if k != "nn_module_stack"}
+    end.replace_all_uses_with(call, delete_user_cb=lambda u: u is not call)
+    nodes[end.name] = call  # a later block's fork may be this value
+    inside = {*block.branch, *block.skip, block.join, *after}
+    for node in reversed(list(gm.graph.nodes)):
+        if node.name in inside and node.op != "get_attr" and not node.users:
             gm.graph.erase_node(node)
 
 

@@ -17,7 +17,7 @@ what lies below it converts.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from torch import nn
 
@@ -29,6 +29,8 @@ from revcompile.passes.ir import Plan, ResidualBlock
 from revcompile.passes.meta import module_path
 from revcompile.passes.options import Options
 from revcompile.passes.plan import make_plan
+from revcompile.passes.probe import probe_blocks
+from revcompile.passes.spans import checkpointable
 from revcompile.passes.trace import Leaves, Traced, trace_call
 
 
@@ -90,7 +92,7 @@ def _visit(
     plan = plan_traced(traced, options)
     if not path:
         found.root = plan
-    if not plan.stages:
+    if not _groups(plan, traced):
         found.seen.extend(plan.blocks)
         return False
     order = {p: i for i, p in enumerate(calls)}  # first-call order: model order
@@ -110,9 +112,21 @@ def _visit(
 
 
 def plan_traced(traced: Traced, options: Options) -> Plan:
-    """The residual blocks and stages of one trace."""
+    """The residual blocks and stages of one trace; for fixed_point, only blocks
+    whose inverse converges (Note [Convert only what converges])."""
     df = dataflow(traced.gm)
-    return make_plan(traced, find_residual_blocks(traced.gm, df), options, df)
+    blocks = find_residual_blocks(traced.gm, df)
+    plan = make_plan(traced, blocks, options, df)
+    if not plan.stages or not options.keeps_function or options.init == "fixup":
+        return plan
+    rejected, notes = probe_blocks(traced, plan, options)
+    if rejected:
+        blocks = tuple(
+            replace(b, reason=rejected[b.join]) if b.join in rejected else b
+            for b in blocks
+        )
+        plan = make_plan(traced, blocks, options, df)
+    return replace(plan, notes=(*plan.notes, *notes))
 
 
 def _enclosing(
@@ -121,13 +135,8 @@ def _enclosing(
     """Each stage's smallest enclosing callable module, kept where none encloses
     another (Note [Smallest enclosing submodule])."""
     nodes = {n.name: n for n in traced.gm.graph.nodes}
-    blocks = {b.join: b for b in plan.blocks}
     found = set()
-    for stage in plan.stages:
-        names = [g.node for g in stage.glue]
-        for join in stage.blocks:
-            b = blocks[join]
-            names.extend((*b.branch, *b.skip, b.join))
+    for names in _groups(plan, traced):
         paths = [module_path(nodes[n]).split(".") for n in names]
         common: list[str] = []
         for parts in zip(*paths, strict=False):
@@ -139,6 +148,24 @@ def _enclosing(
             top = top.rpartition(".")[0]
         found.add(top if top.startswith(path) else path)
     return {t for t in found if not any(_inside(t, o) for o in found if o != t)}
+
+
+def _groups(plan: Plan, traced: Traced) -> list[list[str]]:
+    """The node names of each unit a rewrite may replace: every stage (blocks and
+    glue), and every kept block a checkpoint can wrap (passes/spans.py)."""
+    blocks = {b.join: b for b in plan.blocks}
+    groups = []
+    for stage in plan.stages:
+        names = [g.node for g in stage.glue]
+        for join in stage.blocks:
+            b = blocks[join]
+            names.extend((*b.branch, *b.skip, b.join))
+        groups.append(names)
+    nodes = {n.name: n for n in traced.gm.graph.nodes}
+    for b in plan.blocks:
+        if not b.eligible and checkpointable(b, nodes):
+            groups.append([*b.branch, *b.skip, b.join])
+    return groups
 
 
 def _callable(path: str, calls: dict[str, ModuleCall]) -> bool:

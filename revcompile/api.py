@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -30,6 +30,10 @@ def analyze(
     min_blocks: int = 1,
     leaf_modules: Iterable[LeafSpec] = (),
     tracer: str = "auto",
+    coupling: str = "additive",
+    coupling_options: Mapping[str, Any] | None = None,
+    init: str = "pretrained",
+    memory_budget: float | int | None = None,
 ) -> Plan:
     """Find the residual blocks of ``model`` and plan which convert to reversible stages.
 
@@ -46,6 +50,8 @@ def analyze(
         leaf_modules: module classes, dotted paths or instances that symbolic tracing
             keeps whole; the fix for a submodule fx cannot trace.
         tracer: ``"auto"`` (fx, then torch.export where fx fails), ``"fx"``, ``"export"``.
+        coupling, coupling_options, init: as for `convert`; they decide which glue a
+            stage absorbs and, for ``"fixed_point"``, which blocks converge.
 
     Returns:
         The frozen :class:`~revcompile.passes.ir.Plan`; ``plan.to_dict()`` is JSON.
@@ -63,13 +69,16 @@ def analyze(
         [2, 1, 1, 1]
     """  # noqa: E501
     options = Options.make(
-        min_blocks=min_blocks, leaf_modules=leaf_modules, tracer=tracer
+        min_blocks=min_blocks,
+        leaf_modules=leaf_modules,
+        tracer=tracer,
+        coupling=coupling,
+        coupling_options=coupling_options,
+        init=init,
+        memory_budget=memory_budget,
     )
     with _unexpected("analyze", model):
         return analyze_model(model, example_inputs, options).plan
-
-
-COUPLINGS = ("additive",)
 
 
 def convert(
@@ -77,6 +86,10 @@ def convert(
     example_inputs: Any = None,
     *,
     coupling: str = "additive",
+    coupling_options: Mapping[str, Any] | None = None,
+    init: str = "pretrained",
+    guard: bool | None = None,
+    memory_budget: float | int | None = None,
     min_blocks: int = 1,
     leaf_modules: Iterable[LeafSpec] = (),
     strict: bool = False,
@@ -101,7 +114,28 @@ def convert(
         model: any ``nn.Module``.
         example_inputs: as for `revcompile.analyze`: a tuple of tensors, a dict of
             keyword tensors, or None for vision models.
-        coupling: ``"additive"`` (``y1 = x1 + F(x2)``, ``y2 = x2 + G(y1)``).
+        coupling: the reversible family, a key of `revcompile.FAMILIES`:
+            ``"additive"`` (RevNet: ``y1 = x1 + F(x2)``, ``y2 = x2 + G(y1)``, F and
+            G sliced from each branch; the default), ``"twin"`` (Reformer's two
+            full-width streams), ``"hamiltonian"``, ``"midpoint"``, ``"leapfrog"``
+            (Chang et al.), ``"momentum"`` (momentumnet), ``"scaled"`` (MEFT), or
+            ``"fixed_point"``: every block kept exactly, inverted by iteration, and
+            converted only where that converges on the example.
+        coupling_options: the family's options (``FAMILIES[name].options`` lists
+            them with their defaults): ``{"h": 1.0}``, ``{"gamma": 0.9}``,
+            ``{"l": 0.1, "b": 1.0}``, ``{"tol": ..., "max_iter": 50}``.
+        init: ``"pretrained"`` keeps every branch's weights; ``"fixup"`` starts the
+            last layer of every branch at zero, for training from scratch (RevUp):
+            each block starts as the identity, so fixed-point inverses converge.
+        memory_budget: the activation memory the converted model may keep for
+            backward: a fraction of the original's (a float in (0, 1]) or bytes at
+            the example's size (an int). The planner (Note [Planning under a
+            budget]) makes each block reversible, checkpointed or stored, with the
+            least recompute that fits; None: every eligible block reversible and
+            every kept block checkpointed; 1.0: the original model, unchanged.
+        guard: stages also save their input, compare it with the one they rebuild
+            and re-anchor on it (Note [Drift guard]); None: the family's default
+            (on for fixed_point only).
         min_blocks: the fewest residual blocks a stage may have.
         leaf_modules: modules symbolic tracing keeps whole.
         strict: raise `ConversionError` when nothing converts (otherwise warn).
@@ -118,11 +152,15 @@ def convert(
         ...  if isinstance(s, revcompile.ReversibleStage)]
         [2, 1, 1, 1]
     """
-    if coupling not in COUPLINGS:
-        raise ConversionError(
-            f"coupling={coupling!r} is not supported; choose one of {COUPLINGS}."
-        )
-    options = Options.make(min_blocks=min_blocks, leaf_modules=leaf_modules)
+    options = Options.make(
+        min_blocks=min_blocks,
+        leaf_modules=leaf_modules,
+        coupling=coupling,
+        coupling_options=coupling_options,
+        init=init,
+        guard=guard,
+        memory_budget=memory_budget,
+    )
     with _unexpected("convert", model):
         return _convert(model, example_inputs, options, strict)
 
@@ -139,19 +177,24 @@ def _convert(
     offset = 0
     for scope in analysis.search.scopes:
         traced = scope.traced
-        done = rewrite(traced.gm, scope.plan, traced.values)
-        if done.builds:  # else the submodule stays eager, as the user wrote it
+        done = rewrite(traced.gm, scope.plan, traced.values, options)
+        if done.changed:  # else the submodule stays eager, as the user wrote it
             arguments = traced.pattern.rebuild(tuple(traced.values))
             fills = find_fills(scope.module, arguments)
             install(scope.module, traced, done.gm, fills)
             if scope.path in second.traces:
-                notes.append(_generation(scope, *second.traces[scope.path]))
+                notes.append(_generation(scope, *second.traces[scope.path], options))
         builds.extend(_in_model(b, scope.path, offset) for b in done.builds)
+        notes.extend(
+            f"{scope.path}: the block at {join} stays stored, its checkpoint failed "
+            f"({why})"
+            for join, why in done.failed_checkpoints.items()
+        )
         failed.update({offset + i: why for i, why in done.failed.items()})
         offset += len(scope.plan.stages)
     plan, index = drop_stages(plan, failed)
     plan = dataclasses.replace(plan, notes=(*plan.notes, *notes))
-    if not plan.stages:
+    if not plan.stages and options.memory_budget is None:
         message = (
             f"{type(model).__name__}: nothing converts ({plan.summary()}). "
             "Run `revcompile report` on the model to see every residual block and why "
@@ -169,11 +212,11 @@ def _convert(
     return converted
 
 
-def _generation(scope: ScopeTrace, traced: Traced, plan: Plan) -> str:
+def _generation(scope: ScopeTrace, traced: Traced, plan: Plan, options: Options) -> str:
     """Rewrite generate's trace of a scope and add it (Note [Graphs that share one
     stage]); the note says how that went."""
     name = scope.path or type(scope.module).__name__
-    done = rewrite(traced.gm, plan, traced.values)
+    done = rewrite(traced.gm, plan, traced.values, options)
     why = add_variant(scope.module, traced, done.gm) if done.builds else "no stage"
     if why:
         return f"{name}: generate() will not run on the converted model: {why}"

@@ -50,11 +50,47 @@ def main(argv: list[str] | None = None) -> int:
     report.add_argument(
         "--min-blocks", type=int, default=1, metavar="N", help="fewest blocks per stage"
     )
+    report.add_argument(
+        "--budget",
+        type=_budget,
+        default=None,
+        metavar="B",
+        help="activation memory allowed: a fraction (0.25) of the original's, or "
+        "bytes (3000000000); the planner picks reversible/checkpoint/store per block",
+    )
+    report.add_argument(
+        "--coupling",
+        default="additive",
+        help="the reversible family (default: additive)",
+    )
     args = parser.parse_args(argv)  # exits with 2 on bad usage
-    return _report(args.spec, args.input_shape, args.json, args.min_blocks)
+    return _report(
+        args.spec, args.input_shape, args.json, args.min_blocks, args.budget,
+        args.coupling,
+    )  # fmt: skip
 
 
-def _report(spec: str, input_shape: str | None, as_json: bool, min_blocks: int) -> int:
+def _budget(text: str) -> float | int:
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(
+            f"--budget {text!r}: a fraction such as 0.25, or bytes such as 3000000000"
+        ) from e
+
+
+def _report(
+    spec: str,
+    input_shape: str | None,
+    as_json: bool,
+    min_blocks: int,
+    budget: float | int | None = None,
+    coupling: str = "additive",
+) -> int:
     err = Console(stderr=True)
     try:
         model = load_model(spec)
@@ -70,7 +106,9 @@ def _report(spec: str, input_shape: str | None, as_json: bool, min_blocks: int) 
 
     try:
         # What revcompile.analyze does, minus the deep copy: the model is ours.
-        options = Options.make(min_blocks=min_blocks)
+        options = Options.make(
+            min_blocks=min_blocks, memory_budget=budget, coupling=coupling
+        )
         if as_json:
             plan = analyze_model(model, inputs, options, copy_model=False).plan
         else:

@@ -23,19 +23,41 @@ def render(plan: Plan) -> RenderableType:
     if plan.scopes:
         parts.append(scopes_table(plan))
     parts.append(Text(plan.summary(), style="bold"))
+    if plan.original_bytes:
+        budget = (
+            "no budget"
+            if plan.budget is None
+            else f"budget {format_bytes(plan.budget)}"
+        )
+        parts.append(
+            Text(
+                f"activations saved for backward at the example: "
+                f"{format_bytes(plan.original_bytes)} -> "
+                f"{format_bytes(plan.predicted_bytes)} predicted ({budget})"
+            )
+        )
     parts.extend(Text(f"note: {n}", style="dim") for n in plan.notes)
     return Group(*parts)
 
 
 def blocks_table(plan: Plan) -> Table:
-    """One row per residual add: where, what shape, and what happens to it."""
+    """One row per residual add: where, its stage, and what happens to it; with the
+    planner's measurements where it ran (saved: what the original keeps for the
+    block's backward; kept: what its policy keeps)."""
     table = Table(title="Residual blocks", title_justify="left")
-    table.add_column("module")
-    table.add_column("shape")
-    table.add_column("channels", justify="right")
-    table.add_column("stage", justify="right")
+    table.add_column("module", no_wrap=True)
+    measured = plan.original_bytes > 0
+    if measured:
+        table.add_column("stage", justify="right")
+        table.add_column("policy")
+        table.add_column("saved", justify="right")
+        table.add_column("kept", justify="right")
+        table.add_column("recompute FLOPs", justify="right")
+    else:
+        table.add_column("shape")
+        table.add_column("stage", justify="right")
+        table.add_column("no longer stored", justify="right")
     table.add_column("verdict")
-    table.add_column("no longer stored", justify="right")
     last = {(s.scope, s.output) for s in plan.stages}
     for b in plan.blocks:
         verdict = (
@@ -43,15 +65,30 @@ def blocks_table(plan: Plan) -> Table:
             if b.reason is None
             else Text(b.reason.kind.value, style="yellow")
         )
-        table.add_row(
-            b.module_path or "(top level)",
-            _shape(b.shape),
-            str(b.channels),
-            "-" if b.stage is None else str(b.stage),
-            verdict,
-            format_bytes(_freed(b, (b.scope, b.join) in last)) if b.eligible else "-",
-        )
+        stage = "-" if b.stage is None else str(b.stage)
+        row: list[str | Text] = [b.module_path or "(top level)"]
+        if measured:
+            row += [
+                stage,
+                b.policy.value,
+                format_bytes(b.saved_bytes),
+                format_bytes(b.predicted_bytes),
+                _flops(b.recompute_flops),
+            ]
+        else:
+            freed = _freed(b, (b.scope, b.join) in last)
+            row += [_shape(b.shape), stage, format_bytes(freed) if b.eligible else "-"]
+        table.add_row(*row, verdict)
     return table
+
+
+def _flops(n: int) -> str:
+    if not n:
+        return "-"
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
 
 
 def reasons_table(kept: list[ResidualBlock]) -> Table:

@@ -31,17 +31,28 @@ def test_rows_reasons_stages_and_total(resnet18_plan: revcompile.Plan) -> None:
         assert path in text
     assert text.count("converts") == 5 and text.count("projection shortcut") >= 3
     assert "layer2.0.downsample.0" in text  # the kept block's detail names the op
-    assert "2x64x16x16" in text and "32+32 @1" in text
+    assert "32+32 @1" in text
+    assert text.count("checkpoint") >= 3 and text.count("reversible") == 5
     assert "post-join" in text and "moved" in text  # ReLU moved into the branch
     assert resnet18_plan.summary() in " ".join(text.split())
+
+
+def test_a_budget_shows_in_the_report() -> None:
+    model = torchvision.models.resnet18()
+    plan = revcompile.analyze(model, memory_budget=1.0)
+    text = text_of(render(plan))
+    assert "store" in text and "reversible" not in text and "budget" in text
 
 
 def test_the_total_line_is_honest(resnet18_plan: revcompile.Plan) -> None:
     line = resnet18_plan.summary()
     assert line.startswith("5 of 8 residual blocks in 4 stages convert; about ")
     assert line.endswith(
-        "% of activation memory no longer stored; 3 blocks kept: projection shortcut"
+        "% of activation memory no longer stored; 3 blocks kept: projection shortcut "
+        "(3 checkpointed)"
     )
+    measured = 1 - resnet18_plan.predicted_bytes / resnet18_plan.original_bytes
+    assert f"about {measured:.0%}" in line
 
 
 def test_a_plan_with_nothing_to_convert_renders() -> None:

@@ -219,7 +219,7 @@ def test_a_call_unlike_the_traced_one_is_refused_with_the_argument() -> None:
 
 
 def test_a_stage_whose_rewrite_fails_stays_with_a_reason(monkeypatch) -> None:
-    from revcompile.passes import rewrite as rewrite_pass
+    from revcompile.passes import build as rewrite_pass
 
     real = rewrite_pass.split_branch
     calls = []

@@ -8,7 +8,7 @@ from pathlib import Path
 
 COUPLINGS = Path(__file__).resolve().parents[2] / "revcompile" / "runtime"
 STDLIB = {"__future__", "collections", "contextlib", "dataclasses", "typing"}
-STDLIB |= {"math", "warnings", "itertools", "fractions"}
+STDLIB |= {"math", "warnings", "itertools", "fractions", "enum", "inspect"}
 
 
 def test_couplings_import_only_torch_and_the_runtime() -> None:
