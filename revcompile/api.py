@@ -64,7 +64,7 @@ def analyze(
         >>> import torchvision, revcompile
         >>> plan = revcompile.analyze(torchvision.models.resnet18())
         >>> print(plan.summary())
-        5 of 8 residual blocks in 4 stages convert; about 42% of activation memory no longer stored; 3 blocks kept: projection shortcut
+        5 of 8 residual blocks in 4 stages convert; about 31% of activation memory no longer stored; 3 blocks kept: projection shortcut (3 checkpointed)
         >>> [len(stage.blocks) for stage in plan.stages]
         [2, 1, 1, 1]
     """  # noqa: E501

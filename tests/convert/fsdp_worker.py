@@ -6,6 +6,7 @@ Writes the full parameters after the step to OUT (rank 0), or the error it raise
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -62,3 +63,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Skip interpreter teardown: gloo's and FSDP's C++ threads can abort it
+    # ("terminate called without an active exception") after the work is saved.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

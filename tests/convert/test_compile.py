@@ -20,11 +20,17 @@ def converted() -> tuple[torch.nn.Module, torch.Tensor]:
     return revcompile.convert(PreActResNet(depth=4, width=8), (x,)), x
 
 
-def test_one_graph_break_per_stage(converted) -> None:
+def test_at_most_one_graph_break_per_stage_or_checkpoint(converted) -> None:
+    """Each stage and each checkpointed block runs outside dynamo; nothing else
+    breaks the graph."""
     model, x = converted
+    plan = model.revcompile_plan
+    checkpoints = [b for b in plan.blocks if b.policy.value == "checkpoint"]
+    assert len(plan.stages) == 2 and len(checkpoints) == 1
     torch._dynamo.reset()
     explained = torch._dynamo.explain(copy.deepcopy(model))(x)
-    assert explained.graph_break_count == len(model.revcompile_plan.stages) == 2
+    assert 1 <= explained.graph_break_count <= len(plan.stages) + len(checkpoints)
+    assert all("torch.compiler.disable" in r.reason for r in explained.break_reasons)
 
 
 @pytest.mark.slow

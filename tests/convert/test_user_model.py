@@ -49,7 +49,9 @@ def test_a_torchvision_model_keeps_its_class_and_its_head_can_be_replaced() -> N
     assert isinstance(converted.layer1.forward, TracedForward)
     assert not isinstance(converted.fc.forward, TracedForward)
     scopes = [s.path for s in converted.revcompile_plan.scopes]
-    assert scopes == ["layer1", "layer2.1", "layer3.1", "layer4.1"]
+    # The projection blocks are checkpointed (memory_budget=None): each is its own
+    # scope beside its stage's; stem and head stay the user's eager code.
+    assert scopes == ["layer1", *(f"layer{k}.{i}" for k in (2, 3, 4) for i in (0, 1))]
     converted.fc = nn.Linear(512, 5)
     assert converted(torch.randn(3, 3, 64, 64)).shape == (3, 5)
 
@@ -151,8 +153,14 @@ def test_save_load_and_deepcopy_with_zero_padded_branches() -> None:
 def test_state_dict_names_of_kept_layers_do_not_change() -> None:
     model = PreActResNet(depth=2)
     converted = revcompile.convert(model, (torch.randn(2, 3, 8, 8),))
-    kept = {"stem.weight", "down.conv1.weight", "head.weight", "bn.running_mean"}
-    assert kept <= converted.state_dict().keys()
+    plan = converted.revcompile_plan
+    assert [b.module_path for b in plan.blocks if b.policy.value == "checkpoint"] == [
+        "down"
+    ]
+    stored = {"stem.weight", "head.weight", "bn.running_mean"}
+    assert stored <= converted.state_dict().keys()
+    stored = revcompile.convert(model, memory_budget=1.0).state_dict().keys()
+    assert {"stem.weight", "down.conv1.weight", "head.weight"} <= stored
     converted.load_state_dict(revcompile.convert(model).state_dict())
 
 

@@ -8,6 +8,7 @@ full parameters after it.
 
 from __future__ import annotations
 
+import os
 import sys
 
 import torch
@@ -81,3 +82,8 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    # Skip interpreter teardown: gloo's and FSDP's C++ threads can abort it
+    # ("terminate called without an active exception") after the work is saved.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
