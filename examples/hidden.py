@@ -5,7 +5,8 @@ pad] in passes/restrict.py): every pretrained hidden unit survives, and for a
 BasicBlock F+G cost what the block cost. Halving it would halve that cost but drop
 half of each pretrained layer. `halve_hidden` does so for conv-BN-ReLU-conv-BN halves
 (torchvision's BasicBlock), keeping the hidden channels with the largest batch-norm
-scale, so that `finetune_digits.py --init half-hidden` can compare the two.
+scale, so that `finetune_digits.py --init half-hidden` can compare the two; `reinit`
+gives the other starting points it compares.
 """
 
 from __future__ import annotations
@@ -61,9 +62,35 @@ def halve_all(converted: nn.Module) -> int:
     for stage in converted.modules():
         if isinstance(stage, revcompile.ReversibleStage):
             for coupling in stage.couplings:
-                for half in (coupling.F, coupling.G):
+                for half in coupling.children():  # F and G, or a full-width f
                     done += halve_hidden(half)
     return done
+
+
+def reinit(converted: nn.Module, init: str) -> None:
+    """Other starting points for the branches than slicing, for comparison only.
+
+    ``identity``: the last batch norm of every branch (F, G or f) is zeroed, so each
+    coupling starts as the identity (the pretrained branch weights stay, silenced).
+    ``random``: every layer of every stage is reset to PyTorch's default init.
+    """
+    for stage in converted.modules():
+        if not isinstance(stage, revcompile.ReversibleStage):
+            continue
+        for coupling in stage.couplings:
+            for half in coupling.children():
+                norms = [
+                    m
+                    for m in half.modules()
+                    if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                ]
+                if init == "identity" and norms:
+                    nn.init.zeros_(norms[-1].weight)
+                    nn.init.zeros_(norms[-1].bias)
+                elif init == "random":
+                    for m in half.modules():
+                        if hasattr(m, "reset_parameters"):
+                            m.reset_parameters()
 
 
 def parameters(module: nn.Module) -> int:

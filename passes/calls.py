@@ -26,6 +26,7 @@ class ModuleCall:
     arguments: dict[str, Any]  # bound to the class's forward, defaults filled in
     count: int
     uniform: bool  # every call had the same pattern (Note [One call pattern per graph])
+    others: tuple[dict[str, Any], ...] = ()  # the first call of each other pattern
 
 
 def record_calls(
@@ -41,9 +42,9 @@ def record_calls(
 
 
 def record_generation_calls(
-    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], padded: bool
 ) -> dict[str, ModuleCall]:
-    """The calls a language model's ``generate`` makes (greedy, one new token), in
+    """The calls a language model's ``generate`` makes (greedy, two new tokens), in
     eval mode: they differ from a training call (``position_ids`` given,
     ``use_cache=False``), so a converted model traces them too. Empty for models
     without transformers' ``generate``."""
@@ -54,18 +55,22 @@ def record_generation_calls(
         tokens = {"input_ids": args[0]}
     if "input_ids" not in tokens:
         return {}
-    # A mask with padding: generate drops one of all ones, and the converted model
-    # fills that in again (passes/fills.py); left padding, as decoders are used.
+    # With left padding, as decoders are used, generate passes position ids; without,
+    # some models leave them out: both calls are recorded (`padded`).
     mask = tokens.get("attention_mask")
     mask = torch.ones_like(tokens["input_ids"]) if mask is None else mask.clone()
-    mask[0, 0] = 0
+    if padded:
+        mask[0, 0] = 0
+    else:
+        mask.fill_(1)
     tokens["attention_mask"] = mask
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
         return _recorded(
             model,
-            lambda: model.generate(**tokens, max_new_tokens=1, do_sample=False),
+            # Two tokens: the prompt's call and a decoding step's, which may differ.
+            lambda: model.generate(**tokens, max_new_tokens=2, do_sample=False),
             tokens,
         )
     except Exception:  # a model generate does not suit: train() calls still convert
@@ -83,6 +88,7 @@ def _recorded(model: nn.Module, run: Any, inputs: Any) -> dict[str, ModuleCall]:
     first: dict[str, dict[str, Any]] = {}
     patterns: dict[str, set[bool]] = {}
     counts: dict[str, int] = {}
+    others: dict[str, list[dict[str, Any]]] = {}
 
     def hook(module: nn.Module, a: tuple, kw: dict) -> None:
         path = paths[id(module)]
@@ -96,6 +102,9 @@ def _recorded(model: nn.Module, run: Any, inputs: Any) -> dict[str, ModuleCall]:
         else:
             same = CallPattern.of(first[path]).mismatch(arguments) is None
             patterns.setdefault(path, set()).add(same)
+            seen = others.setdefault(path, [])
+            if not same and all(CallPattern.of(o).mismatch(arguments) for o in seen):
+                seen.append(arguments)
 
     handles = [
         m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules()
@@ -113,7 +122,12 @@ def _recorded(model: nn.Module, run: Any, inputs: Any) -> dict[str, ModuleCall]:
             for k, b in model.named_buffers():
                 b.copy_(buffers[k])
     return {
-        path: ModuleCall(a, counts[path], all(patterns.get(path, {True})))
+        path: ModuleCall(
+            a,
+            counts[path],
+            all(patterns.get(path, {True})),
+            tuple(others.get(path, [])),
+        )
         for path, a in first.items()
     }
 

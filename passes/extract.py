@@ -8,6 +8,7 @@ plan's plus the outside scalars (symbolic sizes) the branches turn out to read.
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, fx
 
 from revcompile.passes.ir import GlueKind, ResidualBlock, Stage
@@ -146,7 +147,37 @@ def extract(
     for node in body:
         lookup(node)
     graph.output(env[body[-1]])
+    _clone_written_inputs(graph)
     return fx.GraphModule(gm, graph)
+
+
+def _clone_written_inputs(graph: fx.Graph) -> None:
+    """An input the branch writes in place (a MoE router's ``full_like`` buffer,
+    scattered into, becomes context) is cloned first: F and G run again in
+    backward on the same context, and autograd refuses writes into the leaves that
+    stand for it there."""
+    inputs = [n for n in graph.nodes if n.op == "placeholder"]
+    first = next((n for n in graph.nodes if n.op != "placeholder"), None)
+    for node in inputs:
+        if first is None or not any(_writes(u, node) for u in node.users):
+            continue
+        with graph.inserting_before(first):
+            clone = graph.call_method("clone", (node,))
+        node.replace_all_uses_with(clone, delete_user_cb=lambda u, c=clone: u is not c)
+
+
+def _writes(node: fx.Node, value: fx.Node) -> bool:
+    """Whether `node` writes `value` in place (its first argument)."""
+    if not node.args or node.args[0] is not value:
+        return False
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        alias = (
+            target._schema.arguments[0].alias_info if target._schema.arguments else None
+        )
+        return bool(alias is not None and alias.is_write)
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    return name.endswith("_") and not name.startswith("_")
 
 
 def _is_scalar(node: fx.Node) -> bool:

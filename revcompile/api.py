@@ -8,6 +8,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
+import torch
 from torch import nn
 
 from revcompile.errors import ConversionError, InternalError, RevCompileError
@@ -77,7 +78,7 @@ def analyze(
         init=init,
         memory_budget=memory_budget,
     )
-    with _unexpected("analyze", model):
+    with _unexpected("analyze", model), _fixed_rng():
         return analyze_model(model, example_inputs, options).plan
 
 
@@ -161,7 +162,7 @@ def convert(
         guard=guard,
         memory_budget=memory_budget,
     )
-    with _unexpected("convert", model):
+    with _unexpected("convert", model), _fixed_rng():
         return _convert(model, example_inputs, options, strict)
 
 
@@ -182,8 +183,8 @@ def _convert(
             arguments = traced.pattern.rebuild(tuple(traced.values))
             fills = find_fills(scope.module, arguments)
             install(scope.module, traced, done.gm, fills)
-            if scope.path in second.traces:
-                notes.append(_generation(scope, *second.traces[scope.path], options))
+            for generation in second.traces.get(scope.path, []):
+                notes.append(_generation(scope, *generation, options))
         builds.extend(_in_model(b, scope.path, offset) for b in done.builds)
         notes.extend(
             f"{scope.path}: the block at {join} stays stored, its checkpoint failed "
@@ -213,14 +214,45 @@ def _convert(
 
 
 def _generation(scope: ScopeTrace, traced: Traced, plan: Plan, options: Options) -> str:
-    """Rewrite generate's trace of a scope and add it (Note [Graphs that share one
-    stage]); the note says how that went."""
+    """Rewrite another call's trace of a scope (generate's, another padding mask's)
+    and add it (Note [Graphs that share one stage]); the note says how that went."""
     name = scope.path or type(scope.module).__name__
     done = rewrite(traced.gm, plan, traced.values, options)
-    why = add_variant(scope.module, traced, done.gm) if done.builds else "no stage"
+    why = add_variant(scope.module, traced, done.gm) if done.changed else "no stage"
     if why:
-        return f"{name}: generate() will not run on the converted model: {why}"
-    return f"{name}: generate()'s call replays a graph of its own, with the same stages"
+        return f"{name}: {_OTHER_CALL} will not run: {why}"
+    return f"{name}: {_OTHER_CALL} replays a graph of its own, with the same stages"
+
+
+_OTHER_CALL = "a call unlike the example's (generate's, another padding mask)"
+
+
+@contextmanager
+def _fixed_rng() -> Iterator[None]:
+    """Tracing, measuring and probing run the model: under the same seeds every
+    time, so that a second convert of a model rebuilds the first (random layer
+    drop in train mode decides what a trace or a measurement sees), and with the
+    user's random streams left where they were."""
+    import random
+
+    state = random.getstate()
+    try:
+        import numpy as np
+    except ImportError:  # pragma: no cover - numpy ships with torch's wheels
+        np = None  # type: ignore[assignment]
+    np_state = np.random.get_state() if np is not None else None
+    cuda = range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(0)
+        random.seed(0)
+        if np is not None:
+            np.random.seed(0)
+        try:
+            yield
+        finally:
+            random.setstate(state)
+            if np is not None:
+                np.random.set_state(np_state)
 
 
 @contextmanager

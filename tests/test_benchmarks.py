@@ -13,6 +13,7 @@ BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 STAGE = ["--methods", "storing,revcompile", "--ns", "4", "--steps", "1"]
 STAGE += ["--patience", "0"]  # no waiting for a quiet machine
+FIDELITY = ["--quick", "--markdown", "--models", "preact", "--couplings", "additive"]
 RUNS = {
     "branch_cost": (["branch_cost.py"], "ViT attention"),
     "stage": (
@@ -21,6 +22,10 @@ RUNS = {
     ),
     "models": (["models.py", "--quick", "--no-search", "--steps", "1"], "quick (8)"),
     "gpu": (["gpu.py", "--device", "cpu", "--quick"], "revcompile"),
+    # One example run: the table row says it ran and converted.
+    "fidelity": (["fidelity.py", *FIDELITY], "| additive | 5 of 8 |"),
+    # Three zoo models, 90 training steps; the unguarded gradient check passed.
+    "fixed_point": (["fixed_point.py", "--quick", "--markdown"], "(target 1e-4): ok"),
 }
 
 

@@ -19,12 +19,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _run(script: str, tmp_path: Path) -> tuple[dict[str, Any], str]:
+def _run(script: str, tmp_path: Path, *args: str) -> tuple[dict[str, Any], str]:
     out = tmp_path / "results.json"
     # Offline, as the examples promise; one thread keeps a shared CI machine usable.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / script), "--tiny", "--json", str(out)],
+        [sys.executable, str(ROOT / "examples" / script), "--tiny", "--json", str(out)]
+        + list(args),
         capture_output=True,
         text=True,
         env=env,
@@ -77,3 +78,27 @@ def test_finetune_minilm_tiny(tmp_path: Path) -> None:
     _check(results, stdout, "all-MiniLM-L6-v2 on docstrings")
     assert results["original"]["similarity"] == pytest.approx(1.0, abs=1e-4)
     assert -1.0 <= results["converted_step0"]["similarity"] <= 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("arch", "coupling"), [("resnet18", "twin"), ("preact", "fixed_point")]
+)
+def test_finetune_digits_coupling_tiny(
+    tmp_path: Path, arch: str, coupling: str
+) -> None:
+    """Another family and the pre-activation model; fixed_point keeps the function,
+    so calibrate is skipped with its reason and step 0 equals the original."""
+    pytest.importorskip("sklearn")
+    pytest.importorskip("torchvision")
+    args = ("--arch", arch, "--coupling", coupling, "--skip-original")
+    results, stdout = _run("finetune_digits.py", tmp_path, *args)
+    assert results["coupling"] == coupling
+    assert results["plan"]["converted"] > 0
+    assert results["finite"] is True
+    assert set(results["step"]) == {"original", "converted", "storing"}
+    if coupling == "fixed_point":
+        assert "calibrate skipped" in stdout
+        assert results["converted_step0"] == results["original"]
+    else:
+        assert results["calibrated"]["stages"]

@@ -8,7 +8,11 @@ rewritten graph reads, and its ``forward`` attribute becomes a `TracedForward`, 
 binds each call to the class's own signature (Note [One call pattern per graph] in
 calls.py) and runs the graph's generated code with the submodule itself as ``self``.
 The code reads the submodule's members when it runs, so after ``.to()``,
-``load_state_dict``, a deep copy or unpickling there is nothing to re-link.
+``load_state_dict`` or a deep copy there is nothing to re-link. Unpickling re-traces
+each graph (Note [Unpickling re-traces] in graphs.py), and the re-trace turns a plain
+tensor attribute the code reads (one that is neither parameter nor buffer) into a
+new ``_tensor_constantN`` of the graph: the first call after loading gives the
+submodule those too.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from torch import fx, nn
+import torch
+from torch import Tensor, fx, nn
 from torch.utils import _pytree as pytree
 
 from revcompile.errors import CallPatternError
@@ -53,11 +58,43 @@ class TracedForward:
         return f"TracedForward({self.path or 'model'}, {len(self.variants)} graph(s))"
 
     @property
+    def __signature__(self) -> inspect.Signature:
+        """The class's own, so that code inspecting ``owner.forward`` (transformers'
+        ``generate`` picks the arguments it passes by it) sees the user's."""
+        signature = _signature(type(self.owner).forward)
+        return signature.replace(parameters=list(signature.parameters.values())[1:])
+
+    @property
     def code(self) -> str:
         """The generated Python code of the (first) graph, for reading."""
         return self.variants[0].graph.code
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._unlinked = True  # the owner may still be half-built: link on first call
+
+    def _link(self) -> None:
+        for variant in self.variants:
+            for node in variant.graph.graph.nodes:
+                if node.op != "get_attr" or _has(self.owner, str(node.target)):
+                    continue
+                *path, name = str(node.target).split(".")
+                value, parent = variant.graph, self.owner
+                for part in (*path, name):
+                    value = getattr(value, part)
+                for part in path:
+                    parent = getattr(parent, part)
+                if isinstance(value, Tensor) and not isinstance(value, nn.Parameter):
+                    parent.register_buffer(name, value, persistent=False)
+                else:
+                    setattr(parent, name, value)
+        self._unlinked = False
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        # A deep copy passes through __setstate__ too and has nothing to link; under
+        # dynamo, reading the graphs would break the graph.
+        if self.__dict__.get("_unlinked") and not torch.compiler.is_compiling():
+            self._link()
         arguments = bind_call(self.owner, args, kwargs)
         variant = self._match(arguments)
         if variant is None and any([f.apply(arguments) for f in self.fills]):
@@ -87,6 +124,15 @@ class TracedForward:
             f"pattern per graph] in revcompile/runtime/calls.py). Call it as during "
             f"conversion, or convert with example_inputs that make this call."
         )
+
+
+def _has(root: nn.Module, target: str) -> bool:
+    obj: Any = root
+    for part in target.split("."):
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    return True
 
 
 def bind_call(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:

@@ -1,0 +1,63 @@
+"""The user's journey after `convert` on CI's subset of the zoo sweep
+(benchmarks/zoo.py --ci): every check, every model, each in its own process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("timm")
+pytest.importorskip("transformers")
+
+BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+
+# (model, check) -> a substring of the failure the README's Limits explain. A model
+# that starts passing fails this test too: take it off the list.
+KNOWN: dict[tuple[str, str], str] = {
+    # A positional encoding sized from a block's output keeps the replaced blocks'
+    # computation alive for its shape: their parameters get no gradient.
+    ("timm:edgenext_xx_small", "grads64"): "no gradient for",
+    # generate's call traces a MoE stage unlike the training call's.
+    ("hf:mixtral", "generate"): "CallPatternError",
+    # A float32 fill value baked into the graph overflows bfloat16 under autocast.
+    ("hf:deberta-v2", "autocast"): "without overflow",
+}
+
+
+@pytest.mark.slow
+def test_every_check_passes_on_the_ci_subset(tmp_path: Path) -> None:
+    rows_file = tmp_path / "rows.jsonl"
+    proc = subprocess.run(
+        [sys.executable, "zoo.py", "--ci", "--jobs", "2", "--json", str(rows_file),
+         "--markdown"],
+        cwd=BENCHMARKS, capture_output=True, text=True, timeout=3000,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    sys.path.insert(0, str(BENCHMARKS))
+    from zoo_models import CI_SUBSET
+
+    assert {r["model"] for r in rows} == set(CI_SUBSET)
+    problems = []
+    for row in rows:
+        if "build" in row:
+            problems.append(f"{row['model']}: does not build: {row['build']}")
+            continue
+        for check, value in row.items():
+            if not isinstance(value, str) or not value.startswith("FAIL"):
+                continue
+            known = KNOWN.get((row["model"], check))
+            if known is None or known not in value:
+                problems.append(f"{row['model']} {check}: {value}")
+    by_name = {r["model"]: r for r in rows}
+    stale = [
+        f"{m} {c}"
+        for m, c in KNOWN
+        if not str(by_name[m].get(c, "")).startswith("FAIL")
+    ]
+    assert not problems, "\n".join(problems)
+    assert not stale, f"these pass now, take them off KNOWN: {stale}"
