@@ -9,7 +9,7 @@
   their LM head, and some also without it.
 
 Every model is built with random weights (nothing is downloaded) at a small input:
-the smallest of 32, 64, 96, 128, 160, 224 pixels at which the original
+the smallest of 32, 64, 96, 128, 160, 224, 299 pixels at which the original
 runs (64 for the float64 gradients where the model takes it), 8 tokens for text,
 1600 samples for speech.
 """
@@ -69,7 +69,7 @@ def _images(channels: int, size: int) -> Callable[[int, int], Inputs]:
 def _smallest_size(build: Callable[[int], nn.Module], channels: int) -> int:
     """The smallest input side at which the freshly built original runs."""
     last: Exception | None = None
-    for size in (32, 64, 96, 128, 160, 224):
+    for size in (32, 64, 96, 128, 160, 224, 299):
         try:
             model = build(size)
             with torch.no_grad():  # both modes: inception's train-only aux head
@@ -78,7 +78,7 @@ def _smallest_size(build: Callable[[int], nn.Module], channels: int) -> int:
             return size
         except Exception as e:
             last = e
-    raise RuntimeError(f"runs at no input size up to 224: {last}")
+    raise RuntimeError(f"runs at no input size up to 299: {last}")
 
 
 # -- torchvision ------------------------------------------------------------------

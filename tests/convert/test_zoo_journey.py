@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ pytest.importorskip("transformers")
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 # (model, check) -> a substring of the failure the README's Limits explain. A model
-# that starts passing fails this test too: take it off the list.
+# that starts passing is reported: take it off the list.
 KNOWN: dict[tuple[str, str], str] = {
     # A positional encoding sized from a block's output keeps the replaced blocks'
     # computation alive for its shape: their parameters get no gradient.
@@ -60,4 +61,5 @@ def test_every_check_passes_on_the_ci_subset(tmp_path: Path) -> None:
         if not str(by_name[m].get(c, "")).startswith("FAIL")
     ]
     assert not problems, "\n".join(problems)
-    assert not stale, f"these pass now, take them off KNOWN: {stale}"
+    if stale:  # other library versions than the sweep's may pass: say so, not fail
+        warnings.warn(f"these pass now, take them off KNOWN: {stale}", stacklevel=1)
