@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import torchvision
 from harness import (
     Storing,
-    calibration_skip,
+    calibrates,
     cost_cells,
     finish,
     measure,
@@ -267,13 +267,9 @@ def main(argv: list[str] | None = None) -> int:
         "converted": parameters(converted),
     }
     results["converted_step0"] = {"test": accuracy(converted, test)}
-    skip = None
-    if not args.no_calibrate:  # calibrate's own re-plan, to compare stages with
-        skip = calibration_skip(args.coupling, plan, revcompile.analyze(model, example))
-    if skip:
-        console.print(f"calibrate skipped: {skip}")
-        results["calibration_skipped"] = skip
-    elif not args.no_calibrate:
+    asked = not args.no_calibrate  # calibrate's own re-plan, to compare stages with
+    default = revcompile.analyze(model, example) if asked else plan
+    if calibrates(asked, args.coupling, plan, default, console, results):
         batches = list(train_data[0].split(batch))[:cal_batches]
         report = calibrate(
             converted, model, batches, steps=cal_steps, lr=args.calibrate_lr

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from harness import (
     Storing,
     batched,
-    calibration_skip,
+    calibrates,
     cost_cells,
     finish,
     measure,
@@ -222,13 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         "original": {"similarity": similarity(model, test, test_t)},
         "converted_step0": {"similarity": similarity(converted, test, test_t)},
     }
-    skip = None
-    if not args.no_calibrate:  # calibrate's own re-plan, to compare stages with
-        skip = calibration_skip(args.coupling, plan, revcompile.analyze(model, example))
-    if skip:
-        console.print(f"calibrate skipped: {skip}")
-        results["calibration_skipped"] = skip
-    elif not args.no_calibrate:
+    asked = not args.no_calibrate  # calibrate's own re-plan, to compare stages with
+    default = revcompile.analyze(model, example) if asked else plan
+    if calibrates(asked, args.coupling, plan, default, console, results):
         report = calibrate(
             converted, model, train[:cal_batches], steps=cal_steps, lr=args.calibrate_lr
         )

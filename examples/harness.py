@@ -220,6 +220,18 @@ def calibration_skip(coupling: str, plan: Plan, default: Plan) -> str | None:
     return None
 
 
+def calibrates(
+    asked: bool, coupling: str, plan: Plan, default: Plan, console: Console,
+    results: dict[str, Any],
+) -> bool:  # fmt: skip
+    """Whether to run calibrate: asked for and applicable; says why not where not."""
+    skip = calibration_skip(coupling, plan, default) if asked else None
+    if skip:
+        console.print(f"calibrate skipped: {skip}")
+        results["calibration_skipped"] = skip
+    return asked and not skip
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
