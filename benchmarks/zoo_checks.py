@@ -191,7 +191,7 @@ def check_batch(entry: Entry, model: nn.Module, converted: nn.Module) -> str:
     return "ok" if done else "n/a: the original takes no other shape"
 
 
-def check_batch1(entry: Entry, model: nn.Module, converted: nn.Module) -> str:
+def check_batch1(entry: Entry, model: nn.Module, _converted: nn.Module) -> str:
     """Converted on a batch of one, then trained on a batch of two."""
     one = _convert(model, entry.inputs(1, 8))
     inputs = entry.inputs(2, 8)
@@ -200,7 +200,6 @@ def check_batch1(entry: Entry, model: nn.Module, converted: nn.Module) -> str:
     got = _train_step(one, inputs)
     if got.shape != want.shape:
         raise Failed(f"shape {tuple(got.shape)}, the original's {tuple(want.shape)}")
-    del converted
     return "ok"
 
 
@@ -253,7 +252,7 @@ def _head(model: nn.Module) -> tuple[nn.Module, str] | None:
     return None
 
 
-def check_head(entry: Entry, model: nn.Module, converted: nn.Module) -> str:
+def check_head(entry: Entry, _model: nn.Module, converted: nn.Module) -> str:
     """A new head: timm's reset_classifier, or a Linear put where the old one was."""
     c = copy.deepcopy(converted)
     if hasattr(c, "reset_classifier") and entry.zoo == "timm":
@@ -266,7 +265,6 @@ def check_head(entry: Entry, model: nn.Module, converted: nn.Module) -> str:
     out = _train_step(c, entry.inputs(3, 8))
     if out.shape[-1] != 5:
         raise Failed(f"output {tuple(out.shape)} after a 5-way head")
-    del model
     return "ok"
 
 
@@ -333,7 +331,7 @@ def check_modes(entry: Entry, model: nn.Module, converted: nn.Module) -> str:
     return "ok"
 
 
-def check_generate(entry: Entry, model: nn.Module, converted: nn.Module) -> str:
+def check_generate(entry: Entry, _model: nn.Module, converted: nn.Module) -> str:
     """Greedy generate equals greedy decoding with the converted model's forward."""
     if not entry.causal_lm or not hasattr(converted, "generate"):
         return "n/a: not a causal language model"
@@ -348,7 +346,6 @@ def check_generate(entry: Entry, model: nn.Module, converted: nn.Module) -> str:
             seq = torch.cat([seq, logits[:, -1:].argmax(-1)], dim=1)
     if not torch.equal(out[:, : seq.shape[1]], seq):
         raise Failed(f"generate {out.tolist()} vs forward {seq.tolist()}")
-    del model
     return "ok"
 
 

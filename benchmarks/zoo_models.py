@@ -183,9 +183,8 @@ def smallest_timm_per_family() -> dict[str, str]:
 
 def timm_entries() -> list[Entry]:
     out = []
-    for family, name in sorted(smallest_timm_per_family().items()):
+    for _family, name in sorted(smallest_timm_per_family().items()):
         out.append(_lazy_image_entry(f"timm:{name}", name, _timm_model))
-        del family
     return out
 
 

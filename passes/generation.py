@@ -34,8 +34,9 @@ class GenerationTraces:
 def generate_traces(
     analysis: Analysis, options: Options, model: nn.Module
 ) -> GenerationTraces:
-    """Per scope whose ``generate`` call differs from the example's: its trace and
-    plan on generate's call."""
+    """Per rewritten scope, a trace and plan of each call unlike the example's:
+    ``generate``'s (with and without padding, prompt and decoding step) and a
+    forward's with the other form of padding mask."""
     args, kwargs = analysis.inputs
     scopes = [s for s in analysis.search.scopes if _rewritten(s.plan)]
     if not scopes:
