@@ -68,7 +68,7 @@ def generate_traces(
                         path=scope.path,
                     )
                 except TraceError as e:
-                    notes.append(f"{scope.path}: generate()'s call does not trace: {e}")
+                    notes.append(f"{scope.path}: another call does not trace: {e}")
                     continue
                 plan = _policies_of(scope.plan, plan_traced(traced, options))
                 if plan is None:

@@ -11,15 +11,13 @@ layer the example did not reach) stay as they were.
 
 from __future__ import annotations
 
-from typing import Any
-
-from torch import Tensor, fx, nn
+from torch import fx, nn
 
 from revcompile.passes.dtypes import REF
 from revcompile.passes.trace import Traced
 from revcompile.runtime.calls import Fill
 from revcompile.runtime.graphs import loadable
-from revcompile.runtime.scope import TracedForward, Variant
+from revcompile.runtime.scope import TracedForward, Variant, assign, resolve
 
 
 def install(
@@ -77,15 +75,6 @@ def _prefixes(target: str) -> list[str]:
     return [".".join(parts[: i + 1]) for i in range(len(parts))]
 
 
-def resolve(root: nn.Module, target: str) -> Any:
-    obj: Any = root
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-        if obj is None:
-            return None
-    return obj
-
-
 def _remove(owner: nn.Module, target: str, used: set[str]) -> None:
     """Delete `target`, then every module it leaves empty that nothing uses."""
     while target:
@@ -102,19 +91,3 @@ def _remove(owner: nn.Module, target: str, used: set[str]) -> None:
 def _empty(m: nn.Module) -> bool:
     members = (*m._modules.values(), *m._parameters.values(), *m._buffers.values())
     return all(v is None for v in members)
-
-
-def assign(owner: nn.Module, target: str, value: Any) -> None:
-    *path, name = target.split(".")
-    parent = owner
-    for part in path:
-        child = getattr(parent, part, None)
-        if child is None:
-            child = nn.Module()
-            parent.add_module(part, child)
-        parent = child
-    if isinstance(value, Tensor) and not isinstance(value, nn.Parameter):
-        # The tracer's constants and the dtype reference are no state of the model.
-        parent.register_buffer(name, value, persistent=False)
-    else:
-        setattr(parent, name, value)

@@ -76,18 +76,9 @@ class TracedForward:
     def _link(self) -> None:
         for variant in self.variants:
             for node in variant.graph.graph.nodes:
-                if node.op != "get_attr" or _has(self.owner, str(node.target)):
-                    continue
-                *path, name = str(node.target).split(".")
-                value, parent = variant.graph, self.owner
-                for part in (*path, name):
-                    value = getattr(value, part)
-                for part in path:
-                    parent = getattr(parent, part)
-                if isinstance(value, Tensor) and not isinstance(value, nn.Parameter):
-                    parent.register_buffer(name, value, persistent=False)
-                else:
-                    setattr(parent, name, value)
+                target = str(node.target)
+                if node.op == "get_attr" and resolve(self.owner, target) is None:
+                    assign(self.owner, target, resolve(variant.graph, target))
         self._unlinked = False
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -126,13 +117,29 @@ class TracedForward:
         )
 
 
-def _has(root: nn.Module, target: str) -> bool:
+def resolve(root: nn.Module, target: str) -> Any:
     obj: Any = root
     for part in target.split("."):
-        if not hasattr(obj, part):
-            return False
-        obj = getattr(obj, part)
-    return True
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def assign(owner: nn.Module, target: str, value: Any) -> None:
+    *path, name = target.split(".")
+    parent = owner
+    for part in path:
+        child = getattr(parent, part, None)
+        if child is None:
+            child = nn.Module()
+            parent.add_module(part, child)
+        parent = child
+    if isinstance(value, Tensor) and not isinstance(value, nn.Parameter):
+        # The tracer's constants and the dtype reference are no state of the model.
+        parent.register_buffer(name, value, persistent=False)
+    else:
+        setattr(parent, name, value)
 
 
 def bind_call(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
