@@ -2,9 +2,12 @@
 
     python benchmarks/branch_cost.py
 
-F and G keep the branch's full hidden width (Note [Slice, don't pad] in
-passes/restrict.py): their input and output layers are sliced to half the channels,
-the layers in between are whole. This prints what that costs per block type.
+F and G's input and output layers are sliced to half the channels (Note [Slice,
+don't pad] in passes/restrict.py); the layers in between keep the hidden width
+whole (hidden="full"), narrow it until F+G cost at most the branch where they would
+cost more (hidden="auto", the default), or split it between F and G
+(hidden="partition"): Note [Hidden width] in passes/hidden.py. This prints what
+each costs per block type.
 """
 
 from __future__ import annotations
@@ -83,18 +86,23 @@ def _params(module: nn.Module) -> int:
 
 
 def main() -> None:
-    table = Table(title="F + G against the original branch (full hidden width)")
-    for col in ("block", "params F+G / branch", "FLOPs F+G / branch", "F / G"):
+    hiddens = ("full", "auto", "partition")
+    table = Table(title="F + G against the original branch: params / FLOPs")
+    for col in ("block", *(f"hidden={h}" for h in hiddens)):
         table.add_column(col)
     for name, branch, x, dim in _branches():
         branch.eval()
         gm = fx.symbolic_trace(branch)
         c = x.shape[dim]
-        f, g = split_branch(gm, (x,), dim=dim, sizes=(c // 2, c - c // 2))
         x2, x1 = x.narrow(dim, c // 2, c - c // 2), x.narrow(dim, 0, c // 2)
-        params = (_params(f.module) + _params(g.module)) / _params(branch)
-        flops = (_flops(f.module, x2) + _flops(g.module, x1)) / _flops(branch, x)
-        table.add_row(name, f"{params:.2f}", f"{flops:.2f}", f"{f.method} / {g.method}")
+        cells = []
+        for hidden in hiddens:
+            sizes = (c // 2, c - c // 2)
+            f, g = split_branch(gm, (x,), dim=dim, sizes=sizes, hidden=hidden)
+            params = (_params(f.module) + _params(g.module)) / _params(branch)
+            flops = (_flops(f.module, x2) + _flops(g.module, x1)) / _flops(branch, x)
+            cells.append(f"{params:.2f} / {flops:.2f}")
+        table.add_row(name, *cells)
     Console().print(table)
 
 

@@ -51,6 +51,7 @@ from torch import Tensor, nn
 
 import revcompile
 from revcompile.calibrate import calibrate
+from revcompile.passes.hidden import HIDDEN
 
 Data = tuple[Tensor, Tensor]
 
@@ -208,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     families = tuple(revcompile.FAMILIES)
     p.add_argument("--coupling", choices=families, default="additive")
     p.add_argument("--arch", choices=("resnet18", "preact"), default="resnet18")
+    p.add_argument(
+        "--hidden", default="auto", help="convert's hidden=: auto, full, partition, r"
+    )
     p.add_argument("--checkpoint", help="load the pretrained model here, or save it")
     p.add_argument(
         "--skip-original", action="store_true", help="fine-tune the converted only"
@@ -251,10 +255,13 @@ def main(argv: list[str] | None = None) -> int:
             torch.save(model.state_dict(), ckpt)
     model.eval()
     results: dict[str, Any] = {"pretrain": pretrain, "init": args.init}
-    results |= {"coupling": args.coupling, "arch": args.arch}
+    results |= {"coupling": args.coupling, "arch": args.arch, "hidden": args.hidden}
     results["original"] = {"test": accuracy(model, test)}
 
-    converted = revcompile.convert(model, example, coupling=args.coupling)
+    hidden = args.hidden if args.hidden in HIDDEN else float(args.hidden)
+    converted = revcompile.convert(
+        model, example, coupling=args.coupling, hidden=hidden
+    )
     plan = converted.revcompile_plan
     console.print(f"{args.coupling}: {plan.summary()}")
     results["plan"] = plan_record(plan)

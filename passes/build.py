@@ -70,7 +70,11 @@ def build_stage(
             details.append(f"{block.module_path}: f at full width")
             continue
         f, g = split_branch(
-            branch, (values[source], *context), dim=stage.channel_dim, sizes=stage.split
+            branch,
+            (values[source], *context),
+            dim=stage.channel_dim,
+            sizes=stage.split,
+            hidden=options.hidden,
         )
         units.append((_outplace(f.module), _outplace(g.module)))
         halves.append((f.method, g.method))

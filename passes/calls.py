@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils import _pytree as pytree
 
+from revcompile.passes.capture import untouched
 from revcompile.runtime.calls import CallPattern
 from revcompile.runtime.scope import bind_call
 
@@ -109,18 +109,12 @@ def _recorded(model: nn.Module, run: Any, inputs: Any) -> dict[str, ModuleCall]:
     handles = [
         m.register_forward_pre_hook(hook, with_kwargs=True) for m in model.modules()
     ]
-    buffers = {k: b.clone() for k, b in model.named_buffers()}
-    leaves = pytree.tree_leaves(inputs)
-    devices = sorted({t.get_device() for t in leaves if _is_cuda(t)})
     try:
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        with untouched(model, inputs):
             run()
     finally:
         for h in handles:
             h.remove()
-        with torch.no_grad():
-            for k, b in model.named_buffers():
-                b.copy_(buffers[k])
     return {
         path: ModuleCall(
             a,
@@ -130,7 +124,3 @@ def _recorded(model: nn.Module, run: Any, inputs: Any) -> dict[str, ModuleCall]:
         )
         for path, a in first.items()
     }
-
-
-def _is_cuda(value: Any) -> bool:
-    return isinstance(value, torch.Tensor) and value.is_cuda

@@ -6,11 +6,32 @@ block really sees; fake-tensor shapes are not enough for that.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import contextlib
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
-from torch import fx
+from torch import fx, nn
+from torch.utils import _pytree as pytree
+
+
+@contextlib.contextmanager
+def untouched(module: nn.Module, inputs: Any = ()) -> Iterator[None]:
+    """Run `module` under no_grad as often as needed, leaving no trace: its buffers
+    (batch-norm statistics, counters) and the global RNG (CUDA's too, for the devices
+    of `inputs`) are as before. A train-mode probe would otherwise move pretrained
+    running statistics at every conversion."""
+    buffers = {k: b.clone() for k, b in module.named_buffers()}
+    leaves = pytree.tree_leaves(inputs)
+    devices = sorted({t.get_device() for t in leaves if _is_cuda(t)})
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            yield
+    finally:
+        with torch.no_grad():
+            for k, b in module.named_buffers():
+                if k in buffers:
+                    b.copy_(buffers[k])
 
 
 class _Recorder(fx.Interpreter):
@@ -33,16 +54,9 @@ def capture(
     Buffers (batch-norm statistics) and the global RNG are restored afterwards, so the
     converted model starts exactly where the user's model was.
     """
-    buffers = {k: b.clone() for k, b in gm.named_buffers()}
-    try:
-        devices = sorted({t.get_device() for t in inputs if _is_cuda(t)})
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            recorder = _Recorder(gm, set(names))
-            recorder.run(*inputs)
-    finally:
-        with torch.no_grad():
-            for k, b in gm.named_buffers():
-                b.copy_(buffers[k])
+    recorder = _Recorder(gm, set(names))
+    with untouched(gm, inputs):
+        recorder.run(*inputs)
     return recorder.values
 
 

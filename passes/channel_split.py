@@ -5,10 +5,11 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
+from revcompile.passes.capture import untouched
+from revcompile.passes.hidden import Hidden, parameters, share_hidden
 from revcompile.passes.restrict import Restriction, restrict
 from revcompile.runtime.branches import PaddedBranch
 
@@ -28,20 +29,39 @@ def split_branch(
     *,
     dim: int,
     sizes: tuple[int, int],
+    hidden: Hidden = "auto",
 ) -> tuple[HalfBranch, HalfBranch]:
     """F (x2 half -> x1 half) and G (x1 half -> x2 half) from `branch`, which maps
     ``(stream, *context)`` to a tensor shaped like the stream. `example` holds real
-    inputs for the branch; both halves are checked by running them on it."""
+    inputs for the branch; both halves are checked by running them on it. `hidden`
+    shares the hidden width between them (Note [Hidden width] in hidden.py)."""
     c1, c2 = sizes
     channels = c1 + c2
     stream = example[0]
     dim = dim % stream.dim()
-    with torch.no_grad():
+    with untouched(branch, example):
         ShapeProp(branch).propagate(*example)
     halves = []
     for in_sel, out_sel in (((c1, channels), (0, c1)), ((0, c1), (c1, channels))):
         halves.append(_derive(branch, example, dim, channels, in_sel, out_sel))
-    return halves[0], halves[1]
+    f, g = halves
+    if hidden == "full" or f.method != "sliced" or g.method != "sliced":
+        return f, g
+    sels = ((c1, channels), (0, c1))  # F reads x2; G reads y1, shaped like x1
+    inputs = tuple((stream.narrow(dim, a, b - a), *example[1:]) for a, b in sels)
+    try:
+        fm, gm, said = share_hidden(
+            f.module, g.module, (inputs[0], inputs[1]), hidden, parameters(branch)
+        )
+    except Exception as e:  # narrowing is a saving, never a reason to fail
+        said = f"hidden width whole (narrowing failed: {e})"
+        fm, gm = f.module, g.module
+    if not said:
+        return f, g
+    return (
+        HalfBranch(fm, f.method, f"{f.detail}; {said}"),
+        HalfBranch(gm, g.method, f"{g.detail}; {said}"),
+    )
 
 
 def _derive(
@@ -59,7 +79,7 @@ def _derive(
         gm, record = restrict(
             branch, dim=dim, channels=channels, in_sel=in_sel, out_sel=out_sel
         )
-        with torch.no_grad():
+        with untouched(gm, example):
             out = gm(half, *example[1:])
         if not isinstance(out, Tensor) or list(out.shape) != expected:
             got = getattr(out, "shape", type(out).__name__)

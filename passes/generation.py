@@ -12,6 +12,7 @@ the other mask, and a scope called differently gets that call's graph too.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -23,27 +24,35 @@ from revcompile.passes.options import Options
 from revcompile.passes.pipeline import Analysis
 from revcompile.passes.scopes import plan_traced
 from revcompile.passes.trace import Traced, leaf_spec, trace_call
+from revcompile.runtime.calls import CallPattern
+
+
+class OtherCall(NamedTuple):
+    """Another call of a scope: its trace and plan, or why it has none (a refusal
+    the converted scope names when it gets such a call)."""
+
+    pattern: CallPattern
+    built: tuple[Traced, Plan] | str
 
 
 @dataclass(frozen=True)
 class GenerationTraces:
-    traces: dict[str, list[tuple[Traced, Plan]]] = field(default_factory=dict)
-    notes: tuple[str, ...] = ()
+    traces: dict[str, list[OtherCall]] = field(default_factory=dict)
+    notes: tuple[str, ...] = ()  # for the plan; each OtherCall's go in with it
 
 
 def generate_traces(
     analysis: Analysis, options: Options, model: nn.Module
 ) -> GenerationTraces:
-    """Per rewritten scope, a trace and plan of each call unlike the example's:
-    ``generate``'s (with and without padding, prompt and decoding step) and a
-    forward's with the other form of padding mask."""
+    """Per rewritten scope, a trace and plan of each call unlike the example's
+    (or why there is none): ``generate``'s (with and without padding, prompt and
+    decoding step) and a forward's with the other form of padding mask."""
     args, kwargs = analysis.inputs
     scopes = [s for s in analysis.search.scopes if _rewritten(s.plan)]
     if not scopes:
         return GenerationTraces()
     leaves = leaf_spec(model, options.leaf_modules)
-    traces: dict[str, list[tuple[Traced, Plan]]] = {}
-    notes = []
+    traces: dict[str, list[OtherCall]] = {}
     recorded = [
         *(
             record_generation_calls(analysis.model, args, kwargs, p)
@@ -56,9 +65,10 @@ def generate_traces(
             call = calls.get(scope.path)
             for arguments in () if call is None else (call.arguments, *call.others):
                 mine = traces.setdefault(scope.path, [])
-                known = [scope.traced.pattern, *(t.pattern for t, _ in mine)]
+                known = [scope.traced.pattern, *(o.pattern for o in mine)]
                 if any(p.mismatch(arguments) is None for p in known):
                     continue
+                pattern = CallPattern.of(arguments)
                 try:
                     traced = trace_call(
                         scope.module,
@@ -68,14 +78,15 @@ def generate_traces(
                         path=scope.path,
                     )
                 except TraceError as e:
-                    notes.append(f"{scope.path}: another call does not trace: {e}")
+                    mine.append(OtherCall(pattern, f"it does not trace: {e}"))
                     continue
                 plan = _policies_of(scope.plan, plan_traced(traced, options))
                 if plan is None:
-                    notes.append(f"{scope.path}: another call's graph has other blocks")
+                    why = "its graph has other residual blocks than the example's"
+                    mine.append(OtherCall(pattern, why))
                     continue
-                mine.append((traced, plan))
-    return GenerationTraces(traces, tuple(notes))
+                mine.append(OtherCall(pattern, (traced, plan)))
+    return GenerationTraces(traces)
 
 
 def _policies_of(main: Plan, plan: Plan) -> Plan | None:

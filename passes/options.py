@@ -9,6 +9,7 @@ from typing import Any
 from torch import nn
 
 from revcompile.errors import ConversionError
+from revcompile.passes.hidden import HIDDEN
 from revcompile.runtime.couplings import FAMILIES
 
 LeafSpec = type[nn.Module] | str | nn.Module
@@ -45,6 +46,8 @@ class Options:
     """Activation memory allowed (Note [Planning under a budget]): a fraction of the
     original's, or bytes at the example's size; None: every eligible block
     reversible and kept blocks checkpointed."""
+    hidden: str | float = "auto"
+    """How F and G share a branch's hidden width (Note [Hidden width])."""
 
     @property
     def plans_memory(self) -> bool:
@@ -68,6 +71,7 @@ class Options:
         init: str = "pretrained",
         guard: bool | None = None,
         memory_budget: float | int | None = None,
+        hidden: str | float = "auto",
     ) -> Options:
         if isinstance(min_blocks, bool) or not isinstance(min_blocks, int):
             raise ConversionError(f"min_blocks must be an int >= 1, not {min_blocks!r}")
@@ -93,6 +97,7 @@ class Options:
                 f"got unknown {sorted(set(given) - set(known))}."
             )
         _check_budget(memory_budget)
+        _check_hidden(hidden)
         if init not in INITS:
             raise ConversionError(f"init must be one of {INITS}, not {init!r}")
         return cls(
@@ -104,6 +109,7 @@ class Options:
             init,
             guard,
             memory_budget,
+            hidden,
         )
 
 
@@ -121,3 +127,15 @@ def _check_budget(budget: float | int | None) -> None:
         )
     if isinstance(budget, int) and budget <= 0:
         raise ConversionError(f"memory_budget={budget} bytes must be positive")
+
+
+def _check_hidden(hidden: str | float) -> None:
+    if isinstance(hidden, str) and hidden in HIDDEN:
+        return
+    if isinstance(hidden, float) and 0.5 <= hidden <= 1.0:
+        return
+    raise ConversionError(
+        f"hidden={hidden!r}: one of {HIDDEN}, or the share of each hidden layer's "
+        "units F and G keep, a float in [0.5, 1] (Note [Hidden width] in "
+        "passes/hidden.py)"
+    )

@@ -6,8 +6,10 @@ exactly invertible, so slicing is about cost and warm start, never correctness. 
 forward from the stream, the ops that read it take the input-channel slice: channel
 mixing ops (conv, linear) lose input channels, per-channel ops (norms, depthwise convs,
 layer scales) lose channels. Walking back from the branch output, the ops that write it
-take the output slice. The hidden width in between is kept whole, so every pretrained
-hidden unit survives and attention heads need no surgery. `nn.MultiheadAttention` holds
+take the output slice. The hidden width in between is kept whole here, so every
+pretrained hidden unit survives and attention heads need no surgery; hidden.py
+narrows it afterwards where F+G would cost more than the branch (Note [Hidden
+width]). `nn.MultiheadAttention` holds
 both of its projections, so one call is sliced on both sides (passes/attention.py).
 
 Where an op is not understood, the walk stops at a boundary: a zero-pad back to all C
@@ -43,6 +45,7 @@ from revcompile.passes.split_ops import (
     is_binary,
     is_layout,
     is_unary,
+    keeps_channels,
     op_name,
     shape_of,
 )
@@ -51,7 +54,7 @@ from revcompile.runtime.branches import full_size, narrow_channels, pad_channels
 
 _NORM_FUNCS = {"layer_norm", "rms_norm"}
 # (weight arg index, weight's input-channel axis, output axis, bias arg index)
-_MIX_FUNCS = {
+MIX_FUNCS = {
     "linear": (1, 1, 0, 2),
     "addmm": (2, 0, 1, 0),
     "mm": (1, 0, 1, None),
@@ -60,7 +63,7 @@ _MIX_FUNCS = {
     "conv2d": (1, 1, 0, 2),
     "conv3d": (1, 1, 0, 2),
 }
-_STREAM_ARG = {"addmm": 1}  # which argument carries the activations (default 0)
+STREAM_ARG = {"addmm": 1}  # which argument carries the activations (default 0)
 
 
 @dataclass
@@ -83,7 +86,7 @@ def restrict(
         # torch.export's shape guards would pin the full channel count (and batch).
         if node.op == "call_module" and str(node.target) == "_guards_fn":
             gm.graph.erase_node(node)
-    walk = _Walk(gm, dim, channels, in_sel, out_sel)
+    walk = Walk(gm, dim, channels, in_sel, out_sel)
     walk.forward()
     walk.backward()
     eliminate_dead_code(gm)
@@ -103,14 +106,23 @@ def _aligned(axis: int, rank: int, operand: Any) -> int | None:
     return a if a >= 0 else None
 
 
-class _Walk:
+class Walk:
     def __init__(
-        self, gm: fx.GraphModule, dim: int, channels: int, in_sel: Sel, out_sel: Sel
+        self,
+        gm: fx.GraphModule,
+        dim: int,
+        channels: int,
+        in_sel: Sel,
+        out_sel: Sel,
+        stream: fx.Node | None = None,
     ) -> None:
+        """`stream`: the value whose channels `in_sel` keeps (default: the first
+        input; passes/hidden.py walks from a hidden layer's output instead)."""
         self.gm, self.graph, self.c = gm, gm.graph, channels
         self.in_sel, self.out_sel = in_sel, out_sel
         self.record = Restriction()
-        stream = next(n for n in self.graph.nodes if n.op == "placeholder")
+        if stream is None:
+            stream = next(n for n in self.graph.nodes if n.op == "placeholder")
         self.dim = dim % len(shape_of(stream) or (0,) * (dim + 1))
         self.in_axis: dict[fx.Node, int] = {stream: self.dim}
         self.fresh = 0
@@ -156,6 +168,25 @@ class _Walk:
             cut = self.graph.call_function(narrow_channels, (operand, axis, *sel))
         node.replace_input_with(operand, cut)
 
+    def slice_writer(self, node: fx.Node, axis: int) -> bool:
+        """Slice the mixing layer `node` to write only channels `in_sel` (on `axis`
+        of its output): the start of a walk from a hidden layer."""
+        rank = len(shape_of(node) or ())
+        if node.op == "call_module":
+            m = self.gm.get_submodule(str(node.target))
+            mix = mixing_channels(m)
+            if not mix or mix[1] != self.c or not _where(mix[2], axis, rank):
+                return False
+            self._swap_module(node, slice_mixing(m, None, self.in_sel))
+            return True
+        name = op_name(node)
+        if name not in MIX_FUNCS:
+            return False
+        stream = node.args[STREAM_ARG.get(name, 0)]
+        return isinstance(stream, fx.Node) and self._mix(
+            node, stream, axis, rank, self.in_sel, False
+        )
+
     # -- the input side --------------------------------------------------------------
 
     def forward(self) -> None:
@@ -184,6 +215,8 @@ class _Walk:
             m = self.gm.get_submodule(str(node.target))
             if is_unary(node, self.gm) and node.args[0] is src:
                 return axis
+            if keeps_channels(node, self.gm, axis) and node.args[0] is src:
+                return axis
             pc = per_channel_size(m)
             if pc and pc[0] == self.c and _where(pc[1], axis, rank):
                 self._swap_module(node, slice_per_channel(m, self.in_sel))
@@ -198,7 +231,7 @@ class _Walk:
             if self._attention_reads(node, m, srcs, axis, rank):
                 return None
             return "pad"
-        if is_unary(node, self.gm):
+        if is_unary(node, self.gm) or keeps_channels(node, self.gm, axis):
             return axis if node.args and node.args[0] is src else "pad"
         if is_binary(node):
             return axis if self._binary(node, axis, self.in_sel) else "pad"
@@ -215,7 +248,7 @@ class _Walk:
             return None
         if name in _NORM_FUNCS and node.args[0] is src and axis == rank - 1:
             return axis if self._norm(node, self.in_sel) else "pad"
-        if name in _MIX_FUNCS and self._mix(node, src, axis, rank, self.in_sel, True):
+        if name in MIX_FUNCS and self._mix(node, src, axis, rank, self.in_sel, True):
             return None
         return "pad"
 
@@ -266,8 +299,8 @@ class _Walk:
     ) -> bool:
         """A functional linear / addmm / matmul / conv reading or writing the stream."""
         name = op_name(node)
-        w_i, w_in, w_out, b_i = _MIX_FUNCS[name]
-        if node.args[_STREAM_ARG.get(name, 0)] is not src:
+        w_i, w_in, w_out, b_i = MIX_FUNCS[name]
+        if node.args[STREAM_ARG.get(name, 0)] is not src:
             return False
         if name.startswith("conv"):
             groups = (
@@ -378,8 +411,8 @@ class _Walk:
         name = op_name(node)
         if name in _NORM_FUNCS and isinstance(src, fx.Node) and axis == rank - 1:
             return [(src, axis)] if self._norm(node, self.out_sel) else None
-        if name in _MIX_FUNCS:
-            stream = node.args[_STREAM_ARG.get(name, 0)]
+        if name in MIX_FUNCS:
+            stream = node.args[STREAM_ARG.get(name, 0)]
             if isinstance(stream, fx.Node) and self._mix(
                 node, stream, axis, rank, self.out_sel, False
             ):

@@ -60,6 +60,40 @@ def is_unary(node: fx.Node, root: nn.Module) -> bool:
     return op_name(node) in _UNARY
 
 
+_POOLS = {"adaptive_avg_pool1d", "adaptive_avg_pool2d", "adaptive_avg_pool3d",
+          "adaptive_max_pool2d", "avg_pool1d", "avg_pool2d", "avg_pool3d",
+          "max_pool1d", "max_pool2d", "max_pool3d"}  # fmt: skip
+_REDUCTIONS = {"mean", "sum", "amax"}
+_POOL_MODULES: tuple[type[nn.Module], ...] = (
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d,
+    nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
+    nn.AvgPool3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d,
+)  # fmt: skip
+
+
+def keeps_channels(node: fx.Node, root: nn.Module, axis: int) -> bool:
+    """A pool or a reduction that acts on each channel of `axis` on its own (a
+    squeeze-excite gate's average), so that slicing before it equals slicing after."""
+    if node.op == "call_module":
+        m = root.get_submodule(str(node.target))
+        return axis == 1 and isinstance(m, _POOL_MODULES)
+    if node.op not in ("call_function", "call_method"):
+        return False
+    op = op_name(node)
+    if op in _POOLS:
+        return axis == 1
+    if op not in _REDUCTIONS or len(node.args) < 2:
+        return False
+    rank = len(shape_of(node.args[0]) or ())
+    dims = node.args[1]
+    dims = [dims] if isinstance(dims, int) else list(dims or [])
+    keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+    if not rank or not dims or not all(isinstance(d, int) for d in dims):
+        return False
+    dims = [d % rank for d in dims]
+    return axis not in dims and (keep or all(d > axis for d in dims))
+
+
 def is_binary(node: fx.Node) -> bool:
     return node.op in ("call_function", "call_method") and op_name(node) in _BINARY
 

@@ -28,6 +28,7 @@ from torch.utils import _pytree as pytree
 
 from revcompile.errors import TraceError
 from revcompile.passes import inputs as _inputs
+from revcompile.passes.capture import untouched
 from revcompile.passes.export import export_graph
 from revcompile.passes.flat import PREFIX, flat_module, input_names, reroot
 from revcompile.passes.meta import set_module_paths, tensor_info, where
@@ -122,13 +123,16 @@ def disable_caches(model: nn.Module) -> list[str]:
     """
     changed = False
     for m in model.modules():
-        for config in (
-            getattr(m, "config", None),
-            getattr(m, "generation_config", None),
-        ):
-            if getattr(config, "use_cache", False):
-                config.use_cache = False  # type: ignore[union-attr]
-                changed = True
+        config = getattr(m, "config", None)
+        if getattr(config, "use_cache", False):
+            config.use_cache = False  # type: ignore[union-attr]
+            changed = True
+        # Unset (None) in a generation config means generate's default, a cache: so
+        # a model whose config has no use_cache still decodes with one unless told.
+        generation = getattr(m, "generation_config", None)
+        if getattr(generation, "use_cache", False) is not False:
+            generation.use_cache = False  # type: ignore[union-attr]
+            changed = True
     return ["use_cache=False (caches are for inference)"] if changed else []
 
 
@@ -194,8 +198,9 @@ def propagate_shapes(gm: fx.GraphModule, values: list) -> None:
     """Shapes into ``node.meta["tensor_meta"]``.
 
     Note [Fake shapes]
-    Fake tensors give every shape without running a kernel and leave the module's
-    buffers (batch-norm statistics) as they were. A leaf module with data-dependent
+    Fake tensors give every shape without running a kernel; they still count
+    batch-norm steps in the real ``num_batches_tracked``, so every buffer is put
+    back afterwards. A leaf module with data-dependent
     control flow (``if x.sum() > 0``) cannot run on fake tensors; then the graph runs
     once for real on the example inputs, without autograd, and the buffers it
     updated are put back.
@@ -204,25 +209,15 @@ def propagate_shapes(gm: fx.GraphModule, values: list) -> None:
     # front; this way each weight is faked once, when first read.
     prop = ShapeProp(gm)
     try:
-        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        with untouched(gm), FakeTensorMode(allow_non_fake_inputs=True) as mode:
             fake = [
                 mode.from_tensor(v) if isinstance(v, torch.Tensor) else v
                 for v in values
             ]
             prop.propagate(*fake)
     except Exception:  # a real run below raises what is wrong, if anything
-        _propagate_for_real(gm, values)
-
-
-def _propagate_for_real(gm: fx.GraphModule, values: list) -> None:
-    buffers = {name: b.clone() for name, b in gm.named_buffers()}
-    try:
-        with torch.no_grad():
+        with untouched(gm, values):
             ShapeProp(gm).propagate(*values)
-    finally:
-        with torch.no_grad():
-            for name, b in gm.named_buffers():
-                b.copy_(buffers[name])
 
 
 def _exported(

@@ -9,12 +9,15 @@ generate's call, before the first rewrite replaces it, and rewritten the same wa
 The second graph may only add to the submodule: every member it reads that the first
 already installed (its reversible stages above all) must be the very same, or be
 equal to it: same type, same structure and weights, the same generated code in every
-graph inside. Then both graphs train and decode one set of parameters; otherwise the
-second graph is dropped and the plan says why.
+graph inside (up to the names of values and the order in which torch.export writes
+the operands of size arithmetic, which differs between exports of one model). Then
+both graphs train and decode one set of parameters; otherwise the second graph is
+dropped, and the plan and a call of its pattern (`refuse_variant`) say why.
 """
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -23,8 +26,9 @@ from torch.fx.node import map_arg
 
 from revcompile.passes.install import assign, resolve, targets
 from revcompile.passes.trace import Traced
+from revcompile.runtime.calls import CallPattern
 from revcompile.runtime.graphs import loadable
-from revcompile.runtime.scope import TracedForward, Variant
+from revcompile.runtime.scope import Refused, TracedForward, Variant
 
 
 def add_variant(owner: nn.Module, traced: Traced, rewritten: fx.GraphModule) -> str:
@@ -50,6 +54,14 @@ def add_variant(owner: nn.Module, traced: Traced, rewritten: fx.GraphModule) -> 
     return ""
 
 
+def refuse_variant(owner: nn.Module, pattern: CallPattern, why: str) -> None:
+    """Remember that a call of `pattern` got no graph, so that such a call is
+    refused with `why` and not only with the argument that differs."""
+    forward = owner.forward
+    if isinstance(forward, TracedForward):
+        forward.refused = (*forward.refused, Refused(pattern, why))
+
+
 def _same(a: Any, b: Any) -> bool:
     if type(a) is not type(b):
         return False
@@ -71,7 +83,8 @@ def _tensors(m: nn.Module) -> dict[str, Tensor]:
 
 def _fingerprint(m: nn.Module) -> tuple:
     """The module tree and every graph inside it, up to the names of graph values
-    (which come from the traced graph's node names and differ between traces)."""
+    (which come from the traced graph's node names and differ between traces) and
+    the order of the operands of size arithmetic (`_commutative`)."""
     graphs = tuple(_graph(g) for g in m.modules() if isinstance(g, fx.GraphModule))
     return repr(m), graphs
 
@@ -83,5 +96,22 @@ def _graph(gm: fx.GraphModule) -> tuple:
         index[node] = i
         args = map_arg((node.args, node.kwargs), lambda n: index[n])  # type: ignore
         target = None if node.op == "placeholder" else node.target
-        shape.append((node.op, target, repr(args)))
+        text = repr(args)
+        if _commutative(node):
+            text = repr(sorted(repr(a) for a in args[0]))
+        shape.append((node.op, target, text))
     return tuple(shape)
+
+
+def _commutative(node: fx.Node) -> bool:
+    """Whether `node` is arithmetic on sizes whose operands may come in either
+    order. torch.export writes a symbolic product or sum (``batch * seq`` of a
+    reshape) in sympy's order of its symbols, and numbers the symbols per export:
+    two exports of one model on calls with other inputs (``position_ids`` given or
+    not) write the same product in either order."""
+    if node.op != "call_function" or node.target not in (operator.add, operator.mul):
+        return False
+    if node.kwargs or len(node.args) != 2:
+        return False
+    value = node.meta.get("val")
+    return isinstance(value, int | float | torch.SymInt | torch.SymFloat)

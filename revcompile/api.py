@@ -21,7 +21,8 @@ from revcompile.passes.pipeline import analyze_model, drop_stages
 from revcompile.passes.rewrite import StageBuild, rewrite
 from revcompile.passes.scopes import ScopeTrace
 from revcompile.passes.trace import Traced
-from revcompile.passes.variants import add_variant
+from revcompile.passes.variants import add_variant, refuse_variant
+from revcompile.runtime.calls import CallPattern
 
 
 def analyze(
@@ -91,6 +92,7 @@ def convert(
     init: str = "pretrained",
     guard: bool | None = None,
     memory_budget: float | int | None = None,
+    hidden: str | float = "auto",
     min_blocks: int = 1,
     leaf_modules: Iterable[LeafSpec] = (),
     strict: bool = False,
@@ -134,6 +136,13 @@ def convert(
             budget]) makes each block reversible, checkpointed or stored, with the
             least recompute that fits; None: every eligible block reversible and
             every kept block checkpointed; 1.0: the original model, unchanged.
+        hidden: how the split families' F and G share each branch's hidden width
+            (Note [Hidden width] in passes/hidden.py): ``"auto"`` keeps it whole
+            where F+G then cost no more than the branch (BasicBlocks, transformer
+            layers) and narrows it until they do elsewhere (bottlenecks, inverted
+            residuals), so no converted model grows; ``"full"`` keeps every hidden
+            unit in both; ``"partition"`` gives each unit to one of them (F+G
+            about half the branch); a float in [0.5, 1]: the share each keeps.
         guard: stages also save their input, compare it with the one they rebuild
             and re-anchor on it (Note [Drift guard]); None: the family's default
             (on for fixed_point only).
@@ -161,6 +170,7 @@ def convert(
         init=init,
         guard=guard,
         memory_budget=memory_budget,
+        hidden=hidden,
     )
     with _unexpected("convert", model), _fixed_rng():
         return _convert(model, example_inputs, options, strict)
@@ -213,13 +223,28 @@ def _convert(
     return converted
 
 
-def _generation(scope: ScopeTrace, traced: Traced, plan: Plan, options: Options) -> str:
+def _generation(
+    scope: ScopeTrace,
+    pattern: CallPattern,
+    built: tuple[Traced, Plan] | str,
+    options: Options,
+) -> str:
     """Rewrite another call's trace of a scope (generate's, another padding mask's)
-    and add it (Note [Graphs that share one stage]); the note says how that went."""
+    and add it (Note [Graphs that share one stage]); the note says how that went.
+    Where it cannot be added, a call of its pattern is refused with the reason."""
     name = scope.path or type(scope.module).__name__
-    done = rewrite(traced.gm, plan, traced.values, options)
-    why = add_variant(scope.module, traced, done.gm) if done.changed else "no stage"
+    if isinstance(built, str):
+        why = built
+    else:
+        traced, plan = built
+        done = rewrite(traced.gm, plan, traced.values, options)
+        why = (
+            add_variant(scope.module, traced, done.gm)
+            if done.changed
+            else "its rewrite converted no stage"
+        )
     if why:
+        refuse_variant(scope.module, pattern, why)
         return f"{name}: {_OTHER_CALL} will not run: {why}"
     return f"{name}: {_OTHER_CALL} replays a graph of its own, with the same stages"
 

@@ -26,6 +26,8 @@ RUNS = {
     "fidelity": (["fidelity.py", *FIDELITY], "| additive | 5 of 8 |"),
     # Three zoo models, 90 training steps; the unguarded gradient check passed.
     "fixed_point": (["fixed_point.py", "--quick", "--markdown"], "(target 1e-4): ok"),
+    # 8 steps at 8 x 8; every eligible block converted with init="fixup".
+    "fixup": (["fixup.py", "--quick", "--markdown"], "converted_of_eligible 5 of 5"),
 }
 
 

@@ -39,8 +39,21 @@ class Variant:
     out_spec: pytree.TreeSpec | None  # torch.export returns flat outputs
 
 
+@dataclass(frozen=True)
+class Refused:
+    """A call pattern convert traced but could give no graph, and why not."""
+
+    pattern: CallPattern
+    why: str
+
+
 class TracedForward:
     """Stands in for ``owner.forward`` (Note [Keep the user's model])."""
+
+    # The calls convert also traced (generate's, another padding mask's) that got no
+    # graph: a call like them is refused with the reason. On the class, so that a
+    # module pickled before this attribute existed loads with none.
+    refused: tuple[Refused, ...] = ()
 
     def __init__(
         self,
@@ -86,12 +99,13 @@ class TracedForward:
         # dynamo, reading the graphs would break the graph.
         if self.__dict__.get("_unlinked") and not torch.compiler.is_compiling():
             self._link()
-        arguments = bind_call(self.owner, args, kwargs)
+        given = bind_call(self.owner, args, kwargs)
+        arguments = dict(given)  # fills write here; a refusal names the call as made
         variant = self._match(arguments)
         if variant is None and any([f.apply(arguments) for f in self.fills]):
             variant = self._match(arguments)
         if variant is None:
-            raise self._refusal(arguments)
+            raise self._refusal(given)
         tensors = variant.pattern.tensors(arguments)
         out = type(variant.graph).forward(self.owner, *tensors)
         if variant.out_spec is None:
@@ -105,15 +119,29 @@ class TracedForward:
         return None
 
     def _refusal(self, arguments: dict[str, Any]) -> CallPatternError:
+        name = f"{self.path or 'the model'} ({type(self.owner).__name__})"
+        for refused in self.refused:
+            if refused.pattern.mismatch(arguments) is None:
+                return CallPatternError(
+                    f"{name} has no graph for this call: convert traced this way of "
+                    f"calling it too (generate's, or another padding mask's), but "
+                    f"{refused.why}, so the call is refused rather than run on a "
+                    f"graph traced for another (Note [Graphs that share one stage] in "
+                    f"passes/variants.py). Calls like the example's still run; "
+                    f"please report this with the model."
+                )
         differences = [v.pattern.mismatch(arguments) for v in self.variants]
-        name = self.path or "the model"
         what = "; ".join(d for d in differences if d)
+        others = "".join(
+            f" Convert also traced another call that got no graph: {why}."
+            for why in dict.fromkeys(r.why for r in self.refused)
+        )
         return CallPatternError(
-            f"{name} ({type(self.owner).__name__}) was converted from a trace of one "
-            f"way of calling it and this call differs: {what}. A "
-            f"converted submodule replays the call it was traced on (Note [One call "
-            f"pattern per graph] in revcompile/runtime/calls.py). Call it as during "
-            f"conversion, or convert with example_inputs that make this call."
+            f"{name} was converted from a trace of one way of calling it and this "
+            f"call differs: {what}. A converted submodule replays the call it was "
+            f"traced on (Note [One call pattern per graph] in "
+            f"revcompile/runtime/calls.py).{others} Call it as during conversion, or "
+            f"convert with example_inputs that make this call."
         )
 
 

@@ -69,9 +69,16 @@ def test_a_language_model_keeps_config_loss_and_generate() -> None:
     assert torch.isfinite(loss) and converted(**batch).loss is None
     # Greedy decoding equals the converted model's own forward, token by token,
     # with and without padding.
+    _assert_generate_is_greedy_forward(converted, batch["input_ids"])
+
+
+def _assert_generate_is_greedy_forward(converted: nn.Module, ids: Tensor) -> None:
+    """Greedy ``generate`` (no mask, a mask without and with left padding) equals
+    greedy decoding with the converted model's own forward."""
     converted.eval()
-    ids = batch["input_ids"]
-    for mask in (None, torch.tensor([[0, 0] + [1] * 8, [1] * 10, [0] + [1] * 9])):
+    padded = torch.ones_like(ids)
+    padded[0, :2] = padded[-1, 0] = 0
+    for mask in (None, torch.ones_like(ids), padded):
         extra = {} if mask is None else {"attention_mask": mask}
         out = converted.generate(ids, max_new_tokens=3, do_sample=False, **extra)
         seq, m = ids, mask
@@ -82,6 +89,38 @@ def test_a_language_model_keeps_config_loss_and_generate() -> None:
             seq = torch.cat([seq, token], 1)
             m = None if m is None else torch.cat([m, torch.ones_like(token)], 1)
         assert torch.equal(out, seq)
+
+
+def test_a_mixture_of_experts_decoder_generates() -> None:
+    # torch.export writes the experts' ``batch * seq`` product in another order for
+    # generate's call (position_ids given) than for the example's: still one stage.
+    cfg = transformers.MixtralConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+        num_experts_per_tok=2, max_position_embeddings=64, pad_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.MixtralForCausalLM(cfg)
+    example = _tokens()
+    example["attention_mask"][1, -2:] = 0
+    converted = revcompile.convert(model, example)
+    assert len(_stages(converted)) == 1
+    assert not [n for n in converted.revcompile_plan.notes if "will not run" in n]
+    _assert_generate_is_greedy_forward(converted, _tokens(3, 6)["input_ids"])
+
+
+def test_a_call_convert_traced_but_could_not_add_is_refused_with_why(
+    monkeypatch,
+) -> None:
+    from revcompile import api
+
+    monkeypatch.setattr(api, "add_variant", lambda *_: "a reason of the test's")
+    converted = revcompile.convert(_llama(), _tokens()).eval()
+    notes = converted.revcompile_plan.notes
+    assert any("will not run: a reason of the test's" in n for n in notes)
+    ids = _tokens(1, 6)["input_ids"]
+    with pytest.raises(revcompile.RevCompileError, match="a reason of the test's"):
+        converted.generate(ids, max_new_tokens=2, do_sample=False)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])

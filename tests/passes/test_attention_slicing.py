@@ -185,7 +185,7 @@ class AttnBranch(nn.Module):
 
 def _padding_attention(mp: pytest.MonkeyPatch) -> None:
     """The pass as it was: attention fed a zero-padded input, narrowed after."""
-    mp.setattr(restrict_module._Walk, "_attention_reads", lambda *a: False)
+    mp.setattr(restrict_module.Walk, "_attention_reads", lambda *a: False)
     mp.setattr(restrict_module, "attention_call", lambda node, root: None)
 
 

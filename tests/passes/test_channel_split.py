@@ -11,10 +11,13 @@ from revcompile.passes.channel_split import split_branch
 from revcompile.runtime.branches import PaddedBranch
 
 
-def _split(branch: nn.Module, *example: Tensor, dim: int) -> tuple:
+def _split(
+    branch: nn.Module, *example: Tensor, dim: int, hidden: str = "auto"
+) -> tuple:
     gm = fx.symbolic_trace(branch.eval())
     c = example[0].shape[dim]
-    return gm, *split_branch(gm, example, dim=dim, sizes=(c // 2, c - c // 2))
+    sizes = (c // 2, c - c // 2)
+    return gm, *split_branch(gm, example, dim=dim, sizes=sizes, hidden=hidden)
 
 
 def _n_params(m: nn.Module) -> int:
@@ -74,10 +77,11 @@ def _randomise_norms(m: nn.Module) -> nn.Module:
 def test_sliced_equals_padded_when_the_branch_opens_with_a_mixing_layer(
     name: str, branch, shape: tuple[int, ...]
 ) -> None:
-    """Slicing a conv's input channels is exactly zero-padding its input."""
+    """Slicing a conv's input channels is exactly zero-padding its input (at full
+    hidden width: narrowing it is another function, tests/passes/test_hidden.py)."""
     torch.manual_seed(0)
     x = torch.randn(shape)
-    gm, f, g = _split(branch(), x, dim=1)
+    gm, f, g = _split(branch(), x, dim=1, hidden="full")
     assert (f.method, g.method) == ("sliced", "sliced")
     c = x.shape[1]
     c1 = c // 2

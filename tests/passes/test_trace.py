@@ -46,3 +46,23 @@ def test_export_output_runs_and_says_what_it_fixed() -> None:
     assert any("eval mode" in note for note in traced.notes)
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(traced.gm(x), model(x))
+
+
+def test_caches_are_disabled_where_generate_would_use_one_by_default() -> None:
+    # A generation config that leaves use_cache unset (None) means a cache to
+    # generate; a config without the attribute gets none added.
+    from types import SimpleNamespace
+
+    from revcompile.passes.trace import disable_caches
+
+    class Generating(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.config = SimpleNamespace()
+            self.generation_config = SimpleNamespace(use_cache=None)
+
+    model = Generating()
+    assert disable_caches(model)
+    assert model.generation_config.use_cache is False
+    assert not hasattr(model.config, "use_cache")
+    assert not disable_caches(model)  # nothing left to change
