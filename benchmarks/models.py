@@ -8,6 +8,7 @@ Models (float32, CPU, sized so that a full run takes about an hour on 2 cores):
   vit_b_16  torchvision vit_b_16(image_size=112): 7 x 7 patches + class token, batch 32
   gpt       tests/models.py NanoGPT, nanoGPT's shakespeare_char shape with 12 layers:
             d = 384, 6 heads, 256 tokens, vocabulary 65, no dropout, batch 8
+  resnet50_224, resnet101_224  (not in the default run) 224 x 224 images, batch 8
 Methods:
   original    the model as written
   checkpoint  torch.utils.checkpoint(use_reentrant=False) around every residual block
@@ -96,6 +97,19 @@ SPECS = {
         P(VIT.vit_b_16, image_size=112), VIT.EncoderBlock, P(images, 112), 32
     ),
     "gpt": Spec(P(gpt, 12, 384, 6, 256), Block, P(tokens, 256), 8),
+    # Issue 11's targets: the ImageNet resolution at a fine-tuning batch.
+    "resnet50_224": Spec(
+        torchvision.models.resnet50,
+        torchvision.models.resnet.Bottleneck,
+        P(images, 224),
+        8,
+    ),
+    "resnet101_224": Spec(
+        torchvision.models.resnet101,
+        torchvision.models.resnet.Bottleneck,
+        P(images, 224),
+        8,
+    ),
     # --quick: a 4-layer GPT, a smoke run of every code path in a few minutes.
     "quick": Spec(P(gpt, 4, 128, 4, 128), Block, P(tokens, 128), 8),
 }
