@@ -22,11 +22,20 @@ import torch
 from torch import fx
 from torch.utils import _pytree as pytree
 
-from revcompile.runtime.branches import finfo_limit
+from revcompile.runtime.branches import fill_limit, finfo_limit
 
 REF = "_revcompile_dtype"
 TRACED = torch.float64
 _LIMITS = {torch.finfo(TRACED).min: "min", torch.finfo(TRACED).max: "max"}
+# Ops that write a scalar into a tensor: (tensor argument, value argument).
+_FILLS = {
+    torch.ops.aten.masked_fill.Scalar: (0, 2),
+    torch.ops.aten.masked_fill_.Scalar: (0, 2),
+    torch.ops.aten.fill.Scalar: (0, 1),
+    torch.ops.aten.fill_.Scalar: (0, 1),
+    torch.ops.aten.where.ScalarOther: (1, 2),
+    torch.ops.aten.where.ScalarSelf: (2, 1),
+}
 
 
 def follow_model_dtype(gm: fx.GraphModule) -> int:
@@ -62,8 +71,30 @@ def follow_model_dtype(gm: fx.GraphModule) -> int:
             continue
         node.args = pytree.tree_map(follow, node.args)
         node.kwargs = pytree.tree_map(follow, node.kwargs)
+    _clip_fills(graph, limits, dtype)
     if not count:
         graph.erase_node(dtype)
         graph.erase_node(ref)
     gm.recompile()
     return count
+
+
+def _clip_fills(graph: fx.Graph, limits: dict[str, fx.Node], dtype: fx.Node) -> None:
+    """A limit written into a tensor follows that tensor's dtype where it is narrower
+    than the model's (autocast: `fill_limit`); elsewhere it stays the model's."""
+    which_of = {node: which for which, node in limits.items()}
+    for node in list(graph.nodes):
+        positions = _FILLS.get(node.target) if node.op == "call_function" else None
+        if positions is None or len(node.args) <= max(positions):
+            continue
+        target, value = (node.args[i] for i in positions)
+        if value not in which_of or not isinstance(target, fx.Node):
+            continue
+        with graph.inserting_before(node):
+            clipped = graph.call_function(fill_limit, (target, dtype, which_of[value]))
+        args = list(node.args)
+        args[positions[1]] = clipped
+        node.args = tuple(args)
+    for limit in limits.values():
+        if not limit.users:
+            graph.erase_node(limit)

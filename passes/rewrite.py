@@ -13,6 +13,16 @@ instead of ``relu(x) + B(relu(x))``, the pre-activation form. The plan lists suc
 stages under `function_changes`. ``coupling="fixed_point"`` keeps every block's
 function instead: its stages absorb identity glue and post-join LayerNorms only, and
 each norm stays after its block, inverted from the statistics it saves (build.py).
+
+Note [Shapes of replaced values]
+Code outside the stage may size something from a value inside a branch: EdgeNeXt builds
+its positional encoding from ``x.shape`` of a value its branch computes, as context.
+Shape reads are not data flow, so the analysis lets the block convert, but after the
+splice such a read would keep the replaced computation alive for its shape alone: a
+second copy of the branch in the graph, whose parameters then get no gradient. Each
+such read moves to the stage input where the value has the stream's shape (a stride-1
+branch keeps it), or to a view of such a value rebuilt outside the stage; a read that
+cannot move stays, and the copy with it.
 """
 
 from __future__ import annotations
@@ -23,6 +33,7 @@ from typing import Any
 
 from torch import fx
 
+from revcompile.passes import ops
 from revcompile.passes.build import StageBuild, build_stage
 from revcompile.passes.capture import capture
 from revcompile.passes.extract import (
@@ -162,7 +173,61 @@ def _splice(
         node = nodes[read]
         for arg in list(node.all_input_nodes):
             node.replace_input_with(arg, nodes[stage.input])
+    _rebase_branch_shape_reads(gm, stage, blocks, nodes[stage.input])
     _erase_replaced(gm, stage, blocks)
+
+
+def _rebase_branch_shape_reads(
+    gm: fx.GraphModule,
+    stage: Stage,
+    blocks: dict[str, ResidualBlock],
+    source: fx.Node,
+) -> None:
+    """Point each shape read of a value inside the stage's branches at a value the
+    graph still computes (Note [Shapes of replaced values]): else the read keeps the
+    replaced computation alive for its shape alone, a second copy whose parameters
+    get no gradient."""
+    internal = {g.node for g in stage.glue}
+    for join in stage.blocks:
+        internal.update(blocks[join].branch)
+    want = source.meta.get("tensor_meta")
+    same: dict[fx.Node, fx.Node | None] = {}
+
+    def outside(node: fx.Node, before: fx.Node) -> fx.Node | None:
+        """A node outside the stage with `node`'s shape, or None."""
+        if node.name not in internal:
+            return node
+        if node in same:
+            return same[node]
+        info = node.meta.get("tensor_meta")
+        found: fx.Node | None = None
+        if (
+            want is not None
+            and info is not None
+            and hasattr(info, "shape")
+            and (tuple(info.shape) == tuple(want.shape) and info.dtype == want.dtype)
+        ):
+            found = source  # a stride-1 branch keeps the stream's shape
+        elif ops.is_view(node) and node.args and isinstance(node.args[0], fx.Node):
+            base = outside(node.args[0], before)
+            rest = [a for a in node.all_input_nodes if a is not node.args[0]]
+            if base is not None and all(a.name not in internal for a in rest):
+                with gm.graph.inserting_before(before):  # a view: costs nothing
+                    found = gm.graph.node_copy(
+                        node, lambda a: base if a is node.args[0] else a
+                    )
+                found.meta = dict(node.meta)
+        same[node] = found
+        return found
+
+    for read in list(gm.graph.nodes):
+        if not ops.is_shape_read(read) or read.name in internal:
+            continue
+        for arg in list(read.all_input_nodes):
+            if arg.name in internal:
+                new = outside(arg, read)
+                if new is not None:
+                    read.replace_input_with(arg, new)
 
 
 def _erase_replaced(

@@ -82,3 +82,20 @@ def finfo_limit(dtype: torch.dtype, which: str) -> float:
     """``torch.finfo(dtype).min`` or ``.max``: a mask value that follows the model's
     dtype (Note [Dtypes that follow the model] in passes/dtypes.py)."""
     return float(getattr(torch.finfo(dtype), which))
+
+
+@fx.wrap
+def fill_limit(target: Tensor, dtype: torch.dtype, which: str) -> float:
+    """`finfo_limit` as the fill value of `target`, clipped to `target`'s range.
+
+    Under autocast the model's dtype (float32) and that of the tensor being masked
+    (bfloat16 scores) differ; eager code writes ``finfo(scores.dtype).min``, which the
+    trace recorded as the model's dtype. Clipping gives the eager value exactly where
+    the two dtypes share an exponent range (bfloat16, float32) and the limit of the
+    narrower one otherwise, where the eager model would also have used that dtype's.
+    """
+    value = finfo_limit(dtype, which)
+    if not target.is_floating_point():
+        return value
+    info = torch.finfo(target.dtype)
+    return min(max(value, float(info.min)), float(info.max))

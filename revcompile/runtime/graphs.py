@@ -13,13 +13,14 @@ from __future__ import annotations
 from torch import fx
 
 from revcompile.runtime.branches import (
+    fill_limit,
     finfo_limit,
     full_size,
     narrow_channels,
     pad_channels,
 )
 
-LEAF_FUNCTIONS = (pad_channels, narrow_channels, full_size, finfo_limit)
+LEAF_FUNCTIONS = (pad_channels, narrow_channels, full_size, finfo_limit, fill_limit)
 
 
 class RuntimeTracer(fx.Tracer):

@@ -18,13 +18,7 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 # (model, check) -> a substring of the failure the README's Limits explain. A model
 # that starts passing is reported: take it off the list.
-KNOWN: dict[tuple[str, str], str] = {
-    # A positional encoding sized from a block's output keeps the replaced blocks'
-    # computation alive for its shape: their parameters get no gradient.
-    ("timm:edgenext_xx_small", "grads64"): "no gradient for",
-    # A float32 fill value baked into the graph overflows bfloat16 under autocast.
-    ("hf:deberta-v2", "autocast"): "without overflow",
-}
+KNOWN: dict[tuple[str, str], str] = {}
 
 
 @pytest.mark.slow
