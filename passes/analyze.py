@@ -204,13 +204,48 @@ def _inputs(
     return tuple(sorted(context, key=df.order)), tuple(foreign)
 
 
-def _channel_dim(branch: list[str], rank: int, df: DataFlow) -> int:
-    """1 when the first op that says anything is a conv or batch norm, else the last."""
+def _channel_dim(branch: list[str], fork: fx.Node, rank: int, df: DataFlow) -> int:
+    """1 when the first op that says anything is a conv or batch norm, else the last,
+    counted in the stream's own dims: ``x.permute(0, 2, 3, 1)`` then a layer norm
+    (timm's LayerNorm2d) normalises dim 1 of the stream, not its last."""
+    perms: dict[str, list[int]] = {fork.name: list(range(rank))}
     for name in branch:
-        first = ops.channel_first(df.node(name), df.gm)
+        node = df.node(name)
+        data = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        before = perms.get(data.name) if data is not None else None
+        first = ops.channel_first(node, df.gm)
         if first is not None:
-            return 1 if first and rank > 2 else rank - 1
+            local = 1 if first and rank > 2 else rank - 1
+            return (
+                before[local] if before is not None and len(before) == rank else local
+            )
+        if before is not None:
+            after = _permuted(node, before)
+            if after is not None:
+                perms[name] = after
     return rank - 1
+
+
+def _permuted(node: fx.Node, dims: list[int]) -> list[int] | None:
+    """Which stream dim each dim of `node` is, for a permute, transpose or an op that
+    keeps the layout (contiguous, an activation); None when it is not known."""
+    op, args = ops.name(node), node.args[1:]
+    flat = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+    if op == "permute" and all(isinstance(d, int) for d in flat):
+        return [dims[d] for d in flat] if len(flat) == len(dims) else None
+    if op in ("transpose", "swapaxes") and len(args) == 2:
+        if not all(isinstance(d, int) for d in args):
+            return None
+        a, b = (int(d) % len(dims) for d in args)
+        out = list(dims)
+        out[a], out[b] = out[b], out[a]
+        return out
+    info, source = tensor_info(node), node.args[0]
+    if info is not None and isinstance(source, fx.Node):
+        before = tensor_info(source)
+        if before is not None and before.shape == info.shape and not ops.is_view(node):
+            return list(dims)  # elementwise: same layout
+    return None
 
 
 def _record(
@@ -224,7 +259,7 @@ def _record(
 ) -> ResidualBlock:
     info = tensor_info(fork)
     shape = info.shape if info else ()
-    dim = _channel_dim(branch, len(shape), df) if shape else 0
+    dim = _channel_dim(branch, fork, len(shape), df) if shape else 0
     channels = shape[dim] if shape else 0
     if reason is None and (len(shape) < 2 or channels < 2):
         reason = Reason(

@@ -10,6 +10,15 @@ the shape guards are dropped (they pin every dynamic size to at least 2, which w
 refuse a batch of one), dtypes follow the module (Note [Dtypes that follow the model]
 in dtypes.py) and each ``aten.dropout`` becomes an ``nn.Dropout`` module call, which
 reads the mode when it runs.
+
+Note [Sizes of one inside the model]
+Export specialises a size that is 1 at the example even when it is computed inside the
+model: a 32-pixel image that a stride-32 stem brings to 1x1 bakes ``h * w == 1`` into an
+attention reshape (timm's CPUBone), and the export bounds the image size to [17, 32]
+to say so. Where a bound is that tight (under twice the example's size), the module is
+exported again with backed sizes treated size-obliviously (experimental in torch, so
+only then): it keeps such sizes symbolic. If that fails or stays bounded, the first
+export stands and a note says which sizes hold.
 """
 
 from __future__ import annotations
@@ -22,7 +31,9 @@ from typing import Any
 import torch
 from torch import Tensor, fx, nn
 from torch.export import Dim
+from torch.fx.experimental import _config as fx_config
 from torch.utils import _pytree as pytree
+from torch.utils._sympy.numbers import int_oo
 
 from revcompile.passes.dtypes import REF, TRACED, follow_model_dtype
 from revcompile.passes.flat import flat_module, reroot
@@ -101,6 +112,8 @@ def _export(
     try:
         program = torch.export.export(flat, tensors, dynamic_shapes=auto, strict=False)
         notes.append("torch.export kept the input sizes dynamic where the model allows")
+        if tight := _tight_sizes(program):  # Note [Sizes of one inside the model]
+            program = _size_oblivious(flat, tensors, auto, program, tight, notes)
     except Exception as e:  # some models only export with static shapes
         program = torch.export.export(flat, tensors, strict=False)
         notes.append(
@@ -114,6 +127,56 @@ def _export(
     out_spec = _flat_output(gm)
     _drop_guards(gm)
     return gm, out_spec
+
+
+def _tight_sizes(program: torch.export.ExportedProgram) -> list[str]:
+    """Input sizes the export bounded to less than twice the example's: it took a
+    branch (a size of one it specialised, a crop) that holds near the example only."""
+    tight = []
+    for node in program.graph.nodes:
+        value = node.meta.get("val") if node.op == "placeholder" else None
+        for size in getattr(value, "shape", ()):
+            if not isinstance(size, torch.SymInt):
+                continue
+            bounds = program.range_constraints.get(size.node.expr)
+            hint = size.node.hint
+            if bounds is None or bounds.upper is int_oo or not isinstance(hint, int):
+                continue
+            if bounds.upper < 2 * hint:
+                tight.append(f"{size.node.expr} in [{bounds.lower}, {bounds.upper}]")
+    return sorted(set(tight))
+
+
+def _size_oblivious(
+    flat: nn.Module,
+    tensors: tuple[Tensor, ...],
+    auto: tuple[dict[int, Any], ...],
+    program: torch.export.ExportedProgram,
+    tight: list[str],
+    notes: list[str],
+) -> torch.export.ExportedProgram:
+    """Export again without specialising backed sizes of one; keep what holds wider."""
+    try:
+        with fx_config.patch(backed_size_oblivious=True):
+            wider = torch.export.export(
+                flat, tensors, dynamic_shapes=auto, strict=False
+            )
+    except Exception as e:
+        wider, why = None, f"{type(e).__name__}"
+    else:
+        why = ", ".join(_tight_sizes(wider))
+    if wider is not None and not why:
+        notes.append(
+            f"torch.export bounded input sizes near the example ({', '.join(tight)}): "
+            "exported again without specialising sizes of one, so other sizes work"
+        )
+        return wider
+    notes.append(
+        f"torch.export bounded input sizes near the example ({', '.join(tight)}; a "
+        f"size-oblivious export did not widen them: {why}): convert with an example "
+        "of the sizes you will run, or larger ones"
+    )
+    return program
 
 
 def _flat_output(gm: fx.GraphModule) -> pytree.TreeSpec | None:

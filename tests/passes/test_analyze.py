@@ -516,3 +516,39 @@ def test_both_tracers_agree() -> None:
         assert [len(s.blocks) for s in ex_plan.stages] == [
             len(s.blocks) for s in fx_plan.stages
         ]
+
+
+class LayerNorm2d(nn.LayerNorm):
+    """timm's LayerNorm2d: a layer norm over the channels of an NCHW map."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 2, 3, 1)
+        x = F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+        return x.permute(0, 3, 1, 2)
+
+
+class NormFirst(nn.Module):
+    """FocalNet's block opens with LayerNorm2d, then a 1x1 conv."""
+
+    def __init__(self, c: int = 8) -> None:
+        super().__init__()
+        self.norm, self.proj = LayerNorm2d(c), nn.Conv2d(c, c, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.proj(self.norm(x))
+
+
+@pytest.mark.parametrize("permute", ["permute", "transpose"])
+def test_a_norm_over_permuted_channels_splits_the_channels(permute: str) -> None:
+    """At an example where W == C, the last dim of the permuted map is the stream's
+    dim 1: that is the split, and other sizes convert and run."""
+    block = NormFirst()
+    if permute == "transpose":  # the same norm written with two transposes
+        block.norm.forward = lambda x: F.layer_norm(  # type: ignore[method-assign]
+            x.transpose(1, 3), (8,), block.norm.weight, block.norm.bias
+        ).transpose(1, 3)
+    model = nn.Sequential(block, NormFirst())
+    plan = revcompile.analyze(model, image())
+    assert [(b.channel_dim, b.channels) for b in plan.blocks] == [(1, 8), (1, 8)]
+    converted = revcompile.convert(model, image())
+    assert converted(torch.randn(3, 8, 5, 7)).shape == (3, 8, 5, 7)
