@@ -21,7 +21,14 @@ from revcompile.passes.ir import Policy, Reason, ReasonKind, ResidualBlock, Stag
 from revcompile.passes.meta import output_bytes
 from revcompile.passes.options import Options
 from revcompile.passes.plan import make_plan
-from revcompile.passes.planner import Choice, Key, Unit, choose, unit_bytes
+from revcompile.passes.planner import (
+    Choice,
+    Key,
+    Unit,
+    choose,
+    next_unit,
+    unit_bytes,
+)
 from revcompile.passes.saved import Ledger, measure_model, record_scope
 from revcompile.passes.scopes import ScopeTrace, Search
 from revcompile.passes.spans import checkpointable, trailing_glue
@@ -79,6 +86,11 @@ def plan_budget(
                     checkpointed=output_bytes(nodes[b.fork]),
                     output=output_bytes(nodes[b.join]),
                     flops=flops([*b.branch, *b.skip], gm),
+                    within=tuple(
+                        (scope.path, o.join)
+                        for o in scope.plan.blocks
+                        if o.join != b.join and b.join in (*o.branch, *o.skip)
+                    ),
                 )
             )
             overwritten = any(
@@ -148,7 +160,7 @@ def _predict(
             continue
         part = parts[u.key]
         b, path = part.block, part.scope
-        nxt = units[i + 1] if i + 1 < len(units) else None
+        nxt = next_unit(units, i, policies)
         in_run = (
             policy is Policy.REVERSIBLE
             and nxt is not None

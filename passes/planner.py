@@ -12,12 +12,19 @@ function (a coupling is not its block), so the planner converts as little as the
 budget needs:
 
 1. with no budget, every eligible block is reversible and every kept block that
-   keeps less checkpointed is checkpointed (today's meaning, plus the kept blocks);
+   keeps less checkpointed is checkpointed (today's meaning, plus the kept blocks),
+   but for the block the model ends in: backward starts there, so recomputing it
+   saves nothing at the peak (`_last_stored`);
 2. with one, it starts from storing everything; while over, it checkpoints the unit
    that frees the most bytes per FLOP, then turns whole chains reversible (most
    bytes first), giving back the chain's last blocks while the budget still holds;
 3. then it stores again every checkpointed unit the budget does not need, cheapest
    savings first, so no FLOP is recomputed for memory that is not needed.
+
+A kept block inside the branch of another unit (EfficientViM's ``h * act(z) + h * D``
+inside its mixer's residual) is covered by that unit once it is reversible or
+checkpointed: its nodes become the outer unit's F, G or span, so it has no policy of
+its own and keeps nothing (`within`, `_uncovered`).
 
 A budget no plan reaches gives the plan with the least memory, and a note.
 """
@@ -43,6 +50,7 @@ class Unit:
     flops: int  # forward FLOPs, recomputed by checkpoint or reversible
     after: Key | None = None  # the unit whose output is this one's input, if any
     output_saved: bool = False  # something after it saves its output anyway
+    within: tuple[Key, ...] = ()  # the blocks whose branch holds this one's join
 
 
 @dataclass(frozen=True)
@@ -66,11 +74,12 @@ def choose(units: list[Unit], total_of: Total, budget: int | None) -> Choice:
             else Policy.STORE
             for u in units
         }
+        policies = _last_stored(units, _uncovered(units, policies))
         return Choice(policies, total_of(policies), True)
     policies = {u.key: Policy.STORE for u in units}
 
     def total() -> int:
-        return total_of(policies)
+        return total_of(_uncovered(units, policies))
 
     by_value = sorted(
         (u for u in units if u.checkpointable or u.chain is not None),
@@ -102,8 +111,40 @@ def choose(units: list[Unit], total_of: Total, budget: int | None) -> Choice:
             policies[u.key] = Policy.STORE
             if total() > budget:
                 policies[u.key] = Policy.CHECKPOINT
-    predicted = total()
+    policies = _uncovered(units, policies)
+    predicted = total_of(policies)
     return Choice(policies, predicted, predicted <= budget)
+
+
+def _last_stored(units: list[Unit], policies: dict[Key, Policy]) -> dict[Key, Policy]:
+    """Store the block the model ends in rather than checkpoint it: backward starts
+    with it, so its recompute comes back at once, at the same peak, for no saving (and
+    the user's head, which such a block may hold, stays the module they replace)."""
+    if not units or policies[units[-1].key] is not Policy.CHECKPOINT:
+        return policies
+    return {**policies, units[-1].key: Policy.STORE}
+
+
+def covered(u: Unit, policies: dict[Key, Policy]) -> bool:
+    """Whether `u`, a kept block, lies inside a unit that is reversible or
+    checkpointed (and takes it in)."""
+    return u.chain is None and any(
+        policies.get(k, Policy.STORE) is not Policy.STORE for k in u.within
+    )
+
+
+def next_unit(units: list[Unit], i: int, policies: dict[Key, Policy]) -> Unit | None:
+    """The unit after `units[i]`, passing over the covered ones (blocks inside the
+    next block's branch come before its join)."""
+    return next((u for u in units[i + 1 :] if not covered(u, policies)), None)
+
+
+def _uncovered(units: list[Unit], policies: dict[Key, Policy]) -> dict[Key, Policy]:
+    """`policies` with every covered unit stored: it has no span of its own left to
+    checkpoint or convert (its nodes are the enclosing unit's)."""
+    return {
+        u.key: Policy.STORE if covered(u, policies) else policies[u.key] for u in units
+    }
 
 
 def unit_bytes(
@@ -114,7 +155,9 @@ def unit_bytes(
     kept: dict[Key, int] = {}
     for i, u in enumerate(units):
         policy = policies[u.key]
-        if policy is Policy.STORE:
+        if covered(u, policies):
+            kept[u.key] = 0  # the enclosing unit's bytes
+        elif policy is Policy.STORE:
             kept[u.key] = u.stored
         elif policy is Policy.CHECKPOINT:
             # The input a reversible run ends in is kept already: one tensor.
@@ -125,7 +168,7 @@ def unit_bytes(
             )
             kept[u.key] = 0 if shared else u.checkpointed
         else:
-            nxt = units[i + 1] if i + 1 < len(units) else None
+            nxt = next_unit(units, i, policies)
             ends = (
                 nxt is None
                 or nxt.chain != u.chain

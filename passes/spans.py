@@ -3,7 +3,9 @@
 A checkpoint (Note [Checkpoint exactly once]) replaces a block's span, the branch, the
 shortcut and the join, by one call that keeps only the span's input. That is sound
 where the span reads nothing but its fork and context, and nothing inside it is read
-after the join; the blocks kept for such reasons qualify. Blocks kept because their
+after the join; the blocks kept for such reasons qualify, where their fork is one
+tensor (a block forked off ``torch.split``'s tuple, EfficientViM's
+``h * act(z) + h * D``, has no one input to keep). Blocks kept because their
 branch reads other activations, leaks a value or mutates the stream do not.
 """
 
@@ -13,6 +15,7 @@ from torch import fx
 
 from revcompile.passes import ops
 from revcompile.passes.ir import GlueKind, ReasonKind, ResidualBlock
+from revcompile.passes.meta import tensor_info
 
 CHECKPOINTABLE = {
     None,  # eligible blocks the planner does not convert
@@ -28,6 +31,8 @@ CHECKPOINTABLE = {
 def checkpointable(block: ResidualBlock, nodes: dict[str, fx.Node]) -> bool:
     """Whether `block`'s span can be one checkpoint."""
     if (block.reason.kind if block.reason else None) not in CHECKPOINTABLE:
+        return False
+    if tensor_info(nodes[block.fork]) is None:
         return False
     inside = {*block.branch, *block.skip, block.join}
     for name in inside - {block.join}:
