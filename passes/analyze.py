@@ -131,6 +131,7 @@ def _identity_block(
     branch = [n for n in _between(df, fork, join) if n not in skip and n != join.name]
     if not _parametric(branch, df):
         return None
+    branch = _with_shape_derived(branch, df)
     inside = {*branch, *skip, fork.name}
     context, foreign = _inputs(branch, inside, df)
     reason = (
@@ -183,6 +184,53 @@ def _is_chain(nodes: list[str], fork: fx.Node, df: DataFlow) -> bool:
             return False
         previous = n
     return True
+
+
+def _with_shape_derived(branch: list[str], df: DataFlow) -> list[str]:
+    """`branch` plus the values it reads that are made from its own values' shapes.
+
+    Note [Shape-derived context]
+    A shape read is no data flow (Note [Activations and context]), so
+    ``full_like(router_logits, -inf)`` (Llama 4's router) or
+    ``zeros_like(chunk_out)`` (a gated delta net's output buffer, then written
+    through its views) would count as context: values from outside the branch. But
+    what they read is the branch's own value, which the stage replaces; as context,
+    the graph around the stage would go on computing the whole branch just for that
+    shape, from the original weights (which then get no gradient), and a buffer the
+    branch writes through a view would reach the stage as two unrelated inputs. So
+    such values (and the views and sizes between) belong to the branch, recomputed
+    with it, when nothing outside the branch reads them and none is random (a
+    drop-path mask ``new_empty(...).bernoulli_(p)`` stays context, drawn once).
+    """
+    members = set(branch)
+    start = min(df.order(n) for n in branch)
+    end = max(df.order(n) for n in branch)
+    derived: set[str] = set()
+    for node in df.gm.graph.nodes:
+        at = df.order(node.name)
+        if at <= start or at >= end or node.name in members:
+            continue
+        if any(a.name in members or a.name in derived for a in node.all_input_nodes):
+            derived.add(node.name)
+    # What the branch reads of them, through the derived values in between.
+    taken: set[str] = set()
+    todo = [
+        a.name for n in branch for a in df.node(n).all_input_nodes if a.name in derived
+    ]
+    while todo:
+        name = todo.pop()
+        if name in taken:
+            continue
+        taken.add(name)
+        todo.extend(a.name for a in df.node(name).all_input_nodes if a.name in derived)
+    if not taken:
+        return branch
+    inside = members | taken
+    if any(u.name not in inside for n in taken for u in df.node(n).users):
+        return branch  # read outside too: it stays context, as before
+    if any(ops.is_stochastic(df.node(n), df.gm) for n in taken):
+        return branch  # a random mask (drop path) is context, drawn once
+    return sorted(inside, key=df.order)
 
 
 def _inputs(

@@ -79,7 +79,23 @@ def export_graph(module: nn.Module, arguments: dict[str, Any]) -> Exported:
     notes.extend(_dropout_modules(gm))
     notes.extend(attention_dropout_modules(gm))
     gm.recompile()
-    return Exported(gm, CallPattern.of(arguments), out_spec, notes, follows)
+    pattern = CallPattern.of(arguments, same_sizes(gm))
+    return Exported(gm, pattern, out_spec, notes, follows)
+
+
+def same_sizes(gm: fx.GraphModule) -> tuple[tuple[tuple[int, int], ...], ...]:
+    """``(input, dim)`` groups that share one symbolic size in an exported graph
+    (Note [Sizes the graph takes to be equal] in revcompile/runtime/calls.py)."""
+    groups: dict[str, list[tuple[int, int]]] = {}
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for i, node in enumerate(placeholders):
+        value = node.meta.get("val")
+        if not isinstance(value, Tensor):
+            continue
+        for d, size in enumerate(value.shape):
+            if isinstance(size, torch.SymInt):
+                groups.setdefault(str(size), []).append((i, d))
+    return tuple(tuple(g) for g in groups.values() if len({i for i, _ in g}) > 1)
 
 
 def model_dtype(module: nn.Module, arguments: dict[str, Any]) -> torch.dtype | None:

@@ -80,6 +80,7 @@ def generate_traces(
                 except TraceError as e:
                     mine.append(OtherCall(pattern, f"it does not trace: {e}"))
                     continue
+                pattern = traced.pattern  # with the sizes it takes to be equal
                 plan = _policies_of(scope.plan, plan_traced(traced, options))
                 if plan is None:
                     why = "its graph has other residual blocks than the example's"

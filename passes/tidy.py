@@ -16,7 +16,8 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from revcompile.passes.ops import name
+from revcompile.passes.dataflow import alias_root
+from revcompile.passes.ops import mutated_input, name
 
 _CHECKS = {"_assert", "_assert_tensor_metadata", "_assert_scalar", "_assert_async"}
 _CHECKS |= {"sym_constrain_range", "sym_constrain_range_for_size"}
@@ -34,16 +35,27 @@ def eliminate_dead_code(gm: fx.GraphModule) -> None:
     graph = gm.graph
     roots = [n for n in graph.nodes if n.op == "output"]
     roots += [n for n in graph.nodes if _impure(n) and not _is_check(n)]
+    # A write fx takes for pure (``out.narrow(...).copy_(y)`` as a method call, whose
+    # result nobody reads) is live while the storage it writes is.
+    writes = {
+        n: alias_root(w, gm)
+        for n in graph.nodes
+        if not _impure(n) and (w := mutated_input(n, gm)) is not None
+    }
     live: set[fx.Node] = set()
+    kept: set[fx.Node] = set()
     while roots:
-        node = roots.pop()
-        if node not in live:
-            live.add(node)
-            roots.extend(node.all_input_nodes)
+        while roots:
+            node = roots.pop()
+            if node not in live:
+                live.add(node)
+                roots.extend(node.all_input_nodes)
+        roots = [n for n, root in writes.items() if n not in live and root in live]
+        kept.update(roots)
     for node in reversed(list(graph.nodes)):
         if _is_check(node) and not set(node.all_input_nodes) <= live:
             graph.erase_node(node)
-    graph.eliminate_dead_code(is_impure_node=_impure)
+    graph.eliminate_dead_code(is_impure_node=lambda n: n in kept or _impure(n))
 
 
 def _impure(node: fx.Node) -> bool:

@@ -34,12 +34,18 @@ class CallPattern:
 
     spec: pytree.TreeSpec
     leaves: tuple[Any, ...]  # Slot.TENSOR where the call had a tensor
+    same_sizes: tuple[tuple[tuple[int, int], ...], ...] = ()
+    """Groups of ``(tensor, dim)`` the graph takes to be one size (Note [Sizes the
+    graph takes to be equal]); on the class too, for patterns pickled before it."""
 
     @staticmethod
-    def of(arguments: dict[str, Any]) -> CallPattern:
+    def of(
+        arguments: dict[str, Any],
+        same_sizes: tuple[tuple[tuple[int, int], ...], ...] = (),
+    ) -> CallPattern:
         leaves, spec = pytree.tree_flatten(arguments)
         slots = tuple(Slot.TENSOR if isinstance(v, Tensor) else v for v in leaves)
-        return CallPattern(spec, slots)
+        return CallPattern(spec, slots, same_sizes)
 
     @property
     def n_tensors(self) -> int:
@@ -69,6 +75,35 @@ class CallPattern:
                 return f"{path} was {_show(want)} and is now a tensor"
             elif not _same(want, got):
                 return f"{path} was {_show(want)} and is now {_show(got)}"
+        return self._sizes_differ(paths, leaves)
+
+    def _sizes_differ(self, paths: list[str], leaves: list[Any]) -> str | None:
+        """Note [Sizes the graph takes to be equal]
+        torch.export gives sizes that were equal in the example one symbol, and reads
+        it from one of the inputs: a position table of batch 1 traced beside a batch
+        of 1 (or, in a call ``generate`` makes, beside a batch of 2 with position ids
+        of 2) is taken to have the batch's size. A call where they differ (the table
+        broadcasts) would run the graph on the wrong size; it is a call of another
+        pattern instead, so it gets a graph of its own or is refused by name."""
+        if not self.same_sizes:
+            return None
+        where = [(p, v) for p, v in zip(paths, leaves, strict=True)]
+        tensors = [(p, v) for p, v in where if isinstance(v, Tensor)]
+        for group in self.same_sizes:
+            seen: tuple[str, int, int] | None = None
+            for i, d in group:
+                if i >= len(tensors) or d >= tensors[i][1].dim():
+                    return f"the inputs have other ranks than when traced ({group})"
+                path, t = tensors[i]
+                size = int(t.shape[d])
+                if seen is None:
+                    seen = (path, d, size)
+                elif size != seen[2]:
+                    return (
+                        f"{seen[0]} (dim {seen[1]}) and {path} (dim {d}) had one size "
+                        f"when traced, which the graph reads from one of them, and now "
+                        f"differ: {seen[2]} and {size}"
+                    )
         return None
 
 
