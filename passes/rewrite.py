@@ -22,7 +22,10 @@ splice such a read would keep the replaced computation alive for its shape alone
 second copy of the branch in the graph, whose parameters then get no gradient. Each
 such read moves to the stage input where the value has the stream's shape (a stride-1
 branch keeps it), or to a view of such a value rebuilt outside the stage; a read that
-cannot move stays, and the copy with it.
+cannot move stays, and the copy with it. Likewise a parameter of a layer that moved
+into the stage, still read outside for its ``.device`` or ``.dtype``, is read from a
+parameter of the stage instead, so the original leaves the model rather than stay
+untrained in it.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-from torch import fx
+from torch import fx, nn
 
 from revcompile.passes import ops
 from revcompile.passes.build import StageBuild, build_stage
@@ -47,6 +50,7 @@ from revcompile.passes.options import Options
 from revcompile.passes.spans import trailing_glue
 from revcompile.passes.tidy import drop_unused_attributes, eliminate_dead_code
 from revcompile.runtime.checkpoint import CheckpointedBlock
+from revcompile.runtime.scope import resolve
 from revcompile.runtime.stage import ReversibleStage
 
 
@@ -117,6 +121,7 @@ def rewrite(
                 failed_checkpoints[block.join] = _why(e)
     _outplace_after_stages(gm, {b.module_name for b in builds})
     eliminate_dead_code(gm)
+    _metadata_reads_to_stages(gm, [b.module_name for b in builds])
     gm.graph.lint()
     gm.delete_all_unused_submodules()
     drop_unused_attributes(gm)
@@ -228,6 +233,53 @@ def _rebase_branch_shape_reads(
                 new = outside(arg, read)
                 if new is not None:
                     read.replace_input_with(arg, new)
+
+
+_METADATA = ("device", "dtype")
+
+
+def _metadata_reads_to_stages(gm: fx.GraphModule, stage_names: list[str]) -> None:
+    """A parameter read only for its ``.device`` or ``.dtype`` (EdgeNeXt's positional
+    encoding makes its grid on ``token_projection.weight.device``) whose layer moved
+    into a stage reads a parameter of that stage instead: the same device and dtype,
+    under every cast, and the original, trained by nothing, leaves the model."""
+    other = {
+        str(n.target)
+        for n in gm.graph.nodes
+        if n.op == "call_module"
+        or (n.op == "get_attr" and not all(_reads_metadata(u) for u in n.users))
+    }
+    parts = (t.split(".") for t in other)
+    used = {".".join(p[: i + 1]) for p in parts for i in range(len(p))}
+    for node in gm.graph.nodes:
+        if node.op != "get_attr" or str(node.target) in used or not node.users:
+            continue
+        if not all(_reads_metadata(u) for u in node.users):
+            continue
+        value = resolve(gm, str(node.target))
+        if not isinstance(value, nn.Parameter):
+            continue
+        for name in stage_names:
+            same = next(
+                (
+                    f"{name}.{k}"
+                    for k, p in gm.get_submodule(name).named_parameters()
+                    if p.dtype == value.dtype and p.device == value.device
+                ),
+                None,
+            )
+            if same is not None:
+                node.target = same
+                break
+
+
+def _reads_metadata(node: fx.Node) -> bool:
+    return (
+        node.op == "call_function"
+        and node.target is getattr
+        and len(node.args) > 1
+        and node.args[1] in _METADATA
+    )
 
 
 def _erase_replaced(

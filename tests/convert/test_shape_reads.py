@@ -23,8 +23,10 @@ class SizedBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         y = self.conv(x)
         b, c, h, w = y.shape
-        grid = torch.ones((b, 2, h, w)).to(y)  # a size tuple: symbolic tracing takes it
-        pos = self.pos(grid)
+        weight = self.pos.weight  # EdgeNeXt makes its tables where its weights are
+        scale = torch.arange(2, device=weight.device, dtype=weight.dtype)
+        grid = torch.ones((b, 2, h, w), device=weight.device, dtype=weight.dtype)
+        pos = self.pos(grid * scale.view(1, 2, 1, 1))
         t = (y + pos).flatten(2).transpose(1, 2)  # (B, H*W, C)
         t = t + self.f(t)
         return x + t.transpose(1, 2).reshape(b, c, h, w)
