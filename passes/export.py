@@ -19,6 +19,16 @@ to say so. Where a bound is that tight (under twice the example's size), the mod
 exported again with backed sizes treated size-obliviously (experimental in torch, so
 only then): it keeps such sizes symbolic. If that fails or stays bounded, the first
 export stands and a note says which sizes hold.
+
+Note [Sizes an export fixed]
+Where the model branches on a size (EfficientViT-MSRA pads each map to whole
+attention windows, and a 2x2 map is one window), export keeps the branch the example
+took and makes the size static, pins its symbol (``if W == window``) or bounds it
+above; with the guards dropped, a call of another size would run that graph into a
+cryptic error or wrong numbers. The call pattern (Note [One call pattern per graph])
+keeps each input size's bounds, and a call outside them is refused with the input,
+the dim and both sizes. Lower bounds other than a pinned size are not kept: export
+puts every dynamic size at 2 or more, and a batch of one runs.
 """
 
 from __future__ import annotations
@@ -79,7 +89,7 @@ def export_graph(module: nn.Module, arguments: dict[str, Any]) -> Exported:
     notes.extend(_dropout_modules(gm))
     notes.extend(attention_dropout_modules(gm))
     gm.recompile()
-    pattern = CallPattern.of(arguments, same_sizes(gm))
+    pattern = CallPattern.of(arguments, same_sizes(gm), size_bounds(gm))
     return Exported(gm, pattern, out_spec, notes, follows)
 
 
@@ -96,6 +106,38 @@ def same_sizes(gm: fx.GraphModule) -> tuple[tuple[tuple[int, int], ...], ...]:
             if isinstance(size, torch.SymInt):
                 groups.setdefault(str(size), []).append((i, d))
     return tuple(tuple(g) for g in groups.values() if len({i for i, _ in g}) > 1)
+
+
+def size_bounds(
+    gm: fx.GraphModule,
+) -> tuple[tuple[tuple[int, int] | None, ...], ...]:
+    """Per input tensor of an exported graph and dim, the sizes it holds for: a
+    static size ``(n, n)``, a symbol's range where export bounded it above or pinned
+    it, else None (Note [Sizes an export fixed])."""
+
+    def bound(size: int | torch.SymInt) -> tuple[int, int] | None:
+        if not isinstance(size, torch.SymInt):
+            return (int(size), int(size))
+        node = size.node
+        if (static := node.maybe_as_int()) is not None:  # a SymInt of a constant
+            return (static, static)
+        ranges = getattr(node.shape_env, "var_to_range", {})
+        found = ranges.get(node.expr)
+        if found is None or found.upper is int_oo or found.upper is None:
+            return None
+        try:
+            low, high = int(found.lower), int(found.upper)
+        except (TypeError, ValueError):
+            return None
+        return (low, high)
+
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return tuple(
+        tuple(bound(d) for d in value.shape)
+        if isinstance(value := n.meta.get("val"), Tensor)
+        else ()
+        for n in placeholders
+    )
 
 
 def model_dtype(module: nn.Module, arguments: dict[str, Any]) -> torch.dtype | None:

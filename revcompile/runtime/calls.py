@@ -37,15 +37,20 @@ class CallPattern:
     same_sizes: tuple[tuple[tuple[int, int], ...], ...] = ()
     """Groups of ``(tensor, dim)`` the graph takes to be one size (Note [Sizes the
     graph takes to be equal]); on the class too, for patterns pickled before it."""
+    bounds: tuple[tuple[tuple[int, int] | None, ...], ...] = ()
+    """Per tensor and dim, the sizes ``(low, high)`` the graph holds for (None: any;
+    low is kept only where it is high), Note [Sizes an export fixed] in
+    passes/export.py; () for a graph of any sizes."""
 
     @staticmethod
     def of(
         arguments: dict[str, Any],
         same_sizes: tuple[tuple[tuple[int, int], ...], ...] = (),
+        bounds: tuple[tuple[tuple[int, int] | None, ...], ...] = (),
     ) -> CallPattern:
         leaves, spec = pytree.tree_flatten(arguments)
         slots = tuple(Slot.TENSOR if isinstance(v, Tensor) else v for v in leaves)
-        return CallPattern(spec, slots, same_sizes)
+        return CallPattern(spec, slots, same_sizes, bounds)
 
     @property
     def n_tensors(self) -> int:
@@ -75,7 +80,27 @@ class CallPattern:
                 return f"{path} was {_show(want)} and is now a tensor"
             elif not _same(want, got):
                 return f"{path} was {_show(want)} and is now {_show(got)}"
-        return self._sizes_differ(paths, leaves)
+        return self._sizes_differ(paths, leaves) or self._out_of_bounds(paths, leaves)
+
+    def _out_of_bounds(self, paths: list[str], leaves: list[Any]) -> str | None:
+        tensors = [
+            (p, v) for p, v in zip(paths, leaves, strict=True) if isinstance(v, Tensor)
+        ]
+        for (path, got), sizes in zip(tensors, self.bounds, strict=False):
+            for dim, (bound, size) in enumerate(zip(sizes, got.shape, strict=False)):
+                if bound is None or bound[0] <= size <= bound[1]:
+                    continue
+                low, high = bound
+                if low < high and size < low:
+                    continue  # export puts dynamic sizes at 2 or more: 1 runs
+                held = f"{high}" if low == high else f"sizes up to {high}"
+                return (
+                    f"{path} has size {size} on dim {dim}, and torch.export fixed "
+                    f"the graph to {held} there (the model branches on it): "
+                    f"convert with an example of this size (Note [Sizes an export "
+                    f"fixed] in passes/export.py)"
+                )
+        return None
 
     def _sizes_differ(self, paths: list[str], leaves: list[Any]) -> str | None:
         """Note [Sizes the graph takes to be equal]

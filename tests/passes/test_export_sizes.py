@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+import revcompile
 from revcompile.passes.trace import trace
 
 
@@ -39,3 +41,28 @@ def test_a_size_of_one_inside_the_model_stays_symbolic() -> None:
     for shape in [(3, 8, 16, 16), (1, 8, 24, 8), (2, 8, 4, 4)]:
         x = torch.randn(shape)
         torch.testing.assert_close(traced.gm(x), model(x))
+
+
+class Windowed(nn.Module):
+    """EfficientViT-MSRA: a map of exactly one window attends as a whole, others are
+    padded to windows first. Export keeps the branch the example took."""
+
+    def __init__(self, c: int = 8, window: int = 4) -> None:
+        super().__init__()
+        self.window = window
+        self.f = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.ReLU())
+        self.g = nn.Sequential(nn.Conv2d(c, c, 1), nn.ReLU())
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.shape[-1] == self.window:
+            return x + self.f(x)
+        return x + self.g(x)
+
+
+def test_a_size_export_fixed_refuses_other_sizes_by_name() -> None:
+    model = nn.Sequential(Windowed(), Windowed())
+    converted = revcompile.convert(model, torch.randn(2, 8, 4, 4))
+    assert converted(torch.randn(3, 8, 4, 4)).shape == (3, 8, 4, 4)  # batch: dynamic
+    fixed = r"size 6 on dim 3, and torch.export fixed the graph to 4"
+    with pytest.raises(revcompile.RevCompileError, match=fixed):
+        converted(torch.randn(2, 8, 4, 6))
