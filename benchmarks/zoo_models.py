@@ -331,7 +331,12 @@ def _hf_runnable(entries: list[Entry]) -> set[str]:
 
 def entry_named(name: str) -> Entry:
     """One entry, without enumerating its zoo (a worker process runs one model)."""
-    zoo, model = name.split(":", 1)
+    zoo, _, model = name.partition(":")
+    if zoo not in ("torchvision", "timm", "hf") or not model:
+        raise ValueError(
+            f"{name!r}: a model name is zoo:model with zoo torchvision, timm or hf "
+            "(`python benchmarks/zoo.py --list` prints the sweep's names)"
+        )
     if zoo == "torchvision":
         return _lazy_image_entry(name, model, _torchvision_model)
     if zoo == "timm":
@@ -345,7 +350,12 @@ def entry_named(name: str) -> Entry:
         "base": auto.MODEL_MAPPING_NAMES,
         "image": auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES,
         "ctc": auto.MODEL_FOR_CTC_MAPPING_NAMES,
-    }[kind]  # fmt: skip
+    }.get(kind)  # fmt: skip
+    if mapping is None or t not in mapping:
+        raise ValueError(
+            f"{name!r}: transformers has no {kind or 'model'} class for model type "
+            f"{t!r} (kinds: base, image, ctc; `zoo.py --list` prints the sweep's names)"
+        )
     c = mapping[t]
     lm = not kind and t in auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
     entry = _hf_entry(
